@@ -1,0 +1,260 @@
+"""The ``fedpriv`` command (Typer + rich).
+
+Settings are merged once, here: RunConfig defaults < ``--config FILE.toml`` < flags. Any
+:class:`~fedpriv.errors.FedprivError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from fedpriv.config import RunConfig, load_toml
+from fedpriv.errors import ConfigError, FedprivError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fedpriv",
+    help="Privacy-preserving federated training for hospitals.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run ``action``; turn our errors into one line and an exit code, never a traceback."""
+    try:
+        return action()
+    except FedprivError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
+def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_toml(config_file))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return RunConfig.from_mapping(values)
+
+
+@app.callback()
+def _root() -> None:
+    """Privacy-preserving federated training for hospitals."""
+
+
+# ---- simulate --------------------------------------------------------------------------
+
+
+@app.command()
+def simulate(
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="breast-cancer, digits, or a path to a .npz (MedMNIST) or .csv"),
+    ] = None,
+    hospitals: Annotated[int | None, typer.Option(help="number of simulated hospitals")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid, dirichlet, label-skew or natural (by site column)")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (> 0)")] = None,
+    classes_per_hospital: Annotated[
+        int | None, typer.Option(help="classes each hospital holds under label-skew")
+    ] = None,
+    site_column: Annotated[
+        str | None, typer.Option(help="CSV column naming each record's site (natural)")
+    ] = None,
+    label_column: Annotated[str | None, typer.Option(help="CSV column with the label")] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(help="fedavg, fedsgd, or Flower's fedprox, fedadam, fedyogi, fedavgm"),
+    ] = None,
+    server_lr: Annotated[
+        float | None, typer.Option(help="server step size (FedSGD, FedAvgM)")
+    ] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
+    lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="mlp or cnn (default: chosen by the dataset)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for splits, sampling and init")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    gpus_per_hospital: Annotated[
+        float | None, typer.Option(help="GPU share per simulated hospital (e.g. 0.25)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with run-config keys")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="parent directory for run directories")] = None,
+    name: Annotated[str | None, typer.Option(help="run directory name (default: time)")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue this run directory from its last checkpoint")
+    ] = None,
+) -> None:
+    """Run a federation of simulated hospitals on this machine."""
+    flags: dict[str, Any] = {
+        "dataset": dataset,
+        "hospitals": hospitals,
+        "partition": partition,
+        "alpha": alpha,
+        "classes-per-hospital": classes_per_hospital,
+        "site-column": site_column,
+        "label-column": label_column,
+        "rounds": rounds,
+        "strategy": strategy,
+        "server-lr": server_lr,
+        "local-epochs": local_epochs,
+        "batch-size": batch_size,
+        "lr": lr,
+        "model": model,
+        "seed": seed,
+        "device": device,
+        "gpus-per-hospital": gpus_per_hospital,
+        "out": out,
+        "run-name": name,
+    }
+
+    def run() -> None:
+        if resume is not None:
+            changed = [k for k, v in flags.items() if v is not None and k != "rounds"]
+            if changed or config is not None:
+                raise ConfigError(
+                    "--resume continues a run with its recorded settings; only --rounds may "
+                    f"be given with it (got --{', --'.join(changed or ['config'])})"
+                )
+        run_config = build_config(config, flags)
+        _run_simulation(run_config, resume)
+
+    _guard(run)
+
+
+def _run_simulation(config: RunConfig, resume: Path | None) -> None:
+    from fedpriv.server.simulation import prepare_simulation, run_plan
+
+    plan = prepare_simulation(config, resume=resume)
+    config = plan.config
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    lock = threading.Lock()
+    task = progress.add_task(
+        "rounds", total=config.rounds, status="starting hospitals...", start=True
+    )
+
+    def on_round(row: dict[str, Any]) -> None:
+        with lock:
+            parts = [f"acc {_fmt(row.get('eval_accuracy'))}"]
+            if row.get("test_accuracy") is not None:
+                parts.append(f"test {_fmt(row['test_accuracy'])}")
+            if row.get("declined"):
+                parts.append(f"{len(row['declined'])} declined")
+            progress.update(task, completed=row["round"], status="  ".join(parts))
+
+    with progress:
+        if plan.resume is not None:
+            progress.update(
+                task, completed=plan.resume.round, status=f"resuming after round {plan.resume.round}"
+            )
+        result = run_plan(plan, on_round=on_round)
+    _print_summary(result)
+    if result.stopped:
+        err_console.print(f"[yellow]run stopped early:[/] {result.stopped}", highlight=False)
+        if not result.rows:
+            raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def _print_summary(result: Any) -> None:
+    final = result.final
+    table = Table(title=f"Run {result.run_dir.name}: {result.last_round} rounds", show_lines=False)
+    table.add_column("hospital")
+    table.add_column("train records", justify="right")
+    table.add_column("held-out records", justify="right")
+    table.add_column("held-out accuracy", justify="right")
+    table.add_column("held-out loss", justify="right")
+    for name, entry in sorted(final.get("hospitals", {}).items()):
+        table.add_row(
+            name,
+            str(entry.get("train_examples", "-")),
+            str(entry.get("num_examples", "-")),
+            _fmt(entry.get("eval_accuracy")),
+            _fmt(entry.get("eval_loss")),
+        )
+    table.add_section()
+    table.add_row(
+        "federation (weighted)",
+        "",
+        "",
+        _fmt(final.get("eval_accuracy")),
+        _fmt(final.get("eval_loss")),
+    )
+    if final.get("test_accuracy") is not None:
+        table.add_row(
+            "central test split", "", "", _fmt(final["test_accuracy"]), _fmt(final["test_loss"])
+        )
+    console.print(table)
+    console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug: keep the traceback out of the user's face, but say so
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            "(please report it; rerun with FEDPRIV_DEBUG=1 for the traceback)",
+            highlight=False,
+        )
+        import os
+
+        if os.environ.get("FEDPRIV_DEBUG"):
+            raise
+        sys.exit(EXIT_RUN_FAILED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hospital side: the Flower ClientApp and what it does with its own records."""

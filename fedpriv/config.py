@@ -1,0 +1,196 @@
+"""One typed, validated run configuration.
+
+Keys are kebab-case at the edges (CLI flags, TOML files, Flower's run config, config.json)
+and snake_case inside. A configuration is parsed and validated once, here; everything below
+receives a frozen :class:`RunConfig`, never a raw mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fedpriv.errors import ConfigError
+
+__all__ = [
+    "DEVICES",
+    "PARTITIONS",
+    "RunConfig",
+    "load_toml",
+]
+
+PARTITIONS = ("iid", "dirichlet", "label-skew", "natural")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything that defines a federated run; the defaults are the demo's."""
+
+    # data
+    dataset: str = "breast-cancer"
+    label_column: str = "label"
+    site_column: str = "site"
+    hospitals: int = 5
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_hospital: int = 2
+    held_out_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # federation
+    rounds: int = 5
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    proximal_mu: float = 0.01
+    fraction_train: float = 1.0
+    min_hospitals: int = 2
+    round_timeout: float = 3600.0
+    central_eval: bool = True
+    # local training
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    model: str = ""
+    seed: int = 0
+    # resources
+    device: str = "auto"
+    gpus_per_hospital: float = 0.0
+    cpus_per_hospital: float = 1.0
+    # output
+    out: str = "runs"
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.hospitals >= 1, "hospitals must be at least 1")
+        _check(self.rounds >= 1, f"rounds must be at least 1 (got {self.rounds})")
+        _check(
+            self.partition in PARTITIONS,
+            f"unknown partition '{self.partition}': use one of {', '.join(PARTITIONS)}",
+        )
+        _check(
+            self.alpha > 0,
+            f"alpha must be > 0 (got {self.alpha}); smaller means more skewed hospitals, "
+            "e.g. 0.5",
+        )
+        _check(self.classes_per_hospital >= 1, "classes-per-hospital must be at least 1")
+        _check(
+            0 < self.held_out_fraction < 1,
+            "held-out-fraction must be strictly between 0 and 1 "
+            f"(got {self.held_out_fraction})",
+        )
+        _check(
+            0 < self.test_fraction < 1,
+            f"test-fraction must be strictly between 0 and 1 (got {self.test_fraction})",
+        )
+        _check(self.server_lr > 0, f"server-lr must be > 0 (got {self.server_lr})")
+        _check(self.proximal_mu >= 0, "proximal-mu must be >= 0")
+        _check(
+            0 < self.fraction_train <= 1,
+            f"fraction-train must be in (0, 1] (got {self.fraction_train})",
+        )
+        _check(self.min_hospitals >= 1, "min-hospitals must be at least 1")
+        _check(self.round_timeout > 0, "round-timeout must be > 0 seconds")
+        _check(self.local_epochs >= 1, f"local-epochs must be at least 1 (got {self.local_epochs})")
+        _check(self.batch_size >= 1, f"batch-size must be at least 1 (got {self.batch_size})")
+        _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")
+        _check(
+            self.device in DEVICES,
+            f"unknown device '{self.device}': use one of {', '.join(DEVICES)}",
+        )
+        _check(self.gpus_per_hospital >= 0, "gpus-per-hospital must be >= 0")
+        _check(self.cpus_per_hospital > 0, "cpus-per-hospital must be > 0")
+        _check(bool(self.out), "out must name a directory")
+
+    # ---- the edges -------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (TOML, Flower run config); unknown keys are refused."""
+        fields = _field_types()
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = [f.replace("_", "-") for f in fields]
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown setting '{key}'{hint}")
+            kwargs[name] = _coerce(key, raw, fields[name])
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case keys, JSON/TOML/Flower-compatible scalar values."""
+        return {
+            f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _field_types() -> dict[str, type]:
+    hints = get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    """Accept what TOML or Flower hand us; refuse anything that would silently change meaning."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ConfigError(f"setting '{key}' must be true or false (got {raw!r})")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"setting '{key}' must be an integer (got {raw!r})")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"setting '{key}' must be an integer (got {raw!r})")
+    if kind is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"setting '{key}' must be a number (got {raw!r})")
+        if isinstance(raw, int | float):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"setting '{key}' must be a number (got {raw!r})")
+    if isinstance(raw, str):
+        return raw
+    raise ConfigError(f"setting '{key}' must be a string (got {raw!r})")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run-config TOML file: top-level keys, or a [tool.flwr.app.config] table."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{file}' does not exist")
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file '{file}' is not valid TOML: {exc}") from None
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if isinstance(table, dict):
+        return table
+    return data

@@ -1,0 +1,268 @@
+"""Datasets: a registry of embedded ones plus the user's own .npz (MedMNIST layout) and .csv files.
+
+Every dataset is returned in one *index space*: row ``i`` of ``features`` and ``labels`` is
+record ``i``. ``partitions.json`` refers to records by these indices, so an outside auditor
+can reload a run with :func:`load_dataset` and nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedpriv.errors import DataError
+
+__all__ = [
+    "Dataset",
+    "available_datasets",
+    "load_dataset",
+    "register_dataset",
+]
+
+_MEDMNIST_SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """Features, labels and (optionally) the site each record came from.
+
+    ``features`` is float32: ``(n, d)`` for tabular data, ``(n, channels, height, width)``
+    for images. ``labels`` is int64 in ``[0, num_classes)``. ``test_indices``, when set, is
+    the dataset's own held-back test split (MedMNIST's ``test_*``); otherwise the simulation
+    draws one.
+    """
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    sites: np.ndarray | None = None
+    test_indices: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.features.ndim == 4 else "tabular"
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+Loader = Callable[[], Dataset]
+_REGISTRY: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Register an embedded dataset under ``name``; a second registration of a name raises."""
+
+    def decorator(loader: Loader) -> Loader:
+        if name in _REGISTRY:
+            raise ValueError(f"dataset '{name}' is already registered")
+        _REGISTRY[name] = loader
+        return loader
+
+    return decorator
+
+
+def available_datasets() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def load_dataset(
+    spec: str, *, label_column: str = "label", site_column: str = "site"
+) -> Dataset:
+    """Load a registered dataset by name, or a ``.npz`` / ``.csv`` file by path.
+
+    The result is cached per process (hospitals load the same file every round).
+    """
+    return _load_cached(str(spec), label_column, site_column)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(spec: str, label_column: str, site_column: str) -> Dataset:
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]()
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in (".npz", ".csv"):
+        if not path.is_file():
+            raise DataError(f"dataset file '{path}' does not exist: check the path")
+        if suffix == ".npz":
+            return _load_npz(path)
+        return _load_csv(path, label_column=label_column, site_column=site_column)
+    names = ", ".join(available_datasets())
+    raise DataError(
+        f"unknown dataset '{spec}': use one of {names}, or a path to a .npz (MedMNIST layout) "
+        "or .csv file"
+    )
+
+
+# ---- embedded datasets (shipped inside scikit-learn, no download) --------------------------
+
+
+@register_dataset("breast-cancer")
+def _breast_cancer() -> Dataset:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    features = _standardize(np.asarray(bunch.data, dtype=np.float64))
+    return Dataset(
+        name="breast-cancer",
+        features=features,
+        labels=np.asarray(bunch.target, dtype=np.int64),
+        num_classes=2,
+        class_names=tuple(str(c) for c in bunch.target_names),
+    )
+
+
+@register_dataset("digits")
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32) / 16.0
+    return Dataset(
+        name="digits",
+        features=images[:, None, :, :],
+        labels=np.asarray(bunch.target, dtype=np.int64),
+        num_classes=10,
+        class_names=tuple(str(c) for c in range(10)),
+    )
+
+
+def _standardize(features: np.ndarray) -> np.ndarray:
+    # Dataset-level scaling: treated as public preprocessing (documented in the README).
+    mean = features.mean(axis=0)
+    std = features.std(axis=0)
+    std[std == 0] = 1.0
+    return ((features - mean) / std).astype(np.float32)
+
+
+# ---- user files ----------------------------------------------------------------------------
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"'{path}' is not a readable .npz file: {exc}") from None
+    with archive:
+        keys = set(archive.files)
+        missing = [
+            f"{split}_{part}"
+            for split in _MEDMNIST_SPLITS
+            for part in ("images", "labels")
+            if f"{split}_{part}" not in keys
+        ]
+        if missing:
+            raise DataError(
+                f"'{path}' lacks {', '.join(missing)}: a .npz must follow the MedMNIST layout "
+                "(train_images, train_labels, val_images, val_labels, test_images, test_labels)"
+            )
+        images = [np.asarray(archive[f"{s}_images"]) for s in _MEDMNIST_SPLITS]
+        labels = [np.asarray(archive[f"{s}_labels"]) for s in _MEDMNIST_SPLITS]
+    for split, imgs, labs in zip(_MEDMNIST_SPLITS, images, labels, strict=True):
+        if imgs.shape[0] != labs.shape[0]:
+            raise DataError(
+                f"'{path}': {split}_images has {imgs.shape[0]} records but {split}_labels "
+                f"has {labs.shape[0]}"
+            )
+        if imgs.ndim not in (3, 4):
+            raise DataError(
+                f"'{path}': {split}_images must be (n, h, w) or (n, h, w, channels), "
+                f"got shape {imgs.shape}"
+            )
+        if labs.ndim == 2 and labs.shape[1] > 1:
+            raise DataError(
+                f"'{path}': {split}_labels has {labs.shape[1]} columns; multi-label "
+                "datasets are not supported, use a single-label MedMNIST dataset"
+            )
+    stacked = np.concatenate(images)
+    if stacked.ndim == 3:
+        stacked = stacked[:, None, :, :]
+    else:
+        stacked = np.transpose(stacked, (0, 3, 1, 2))
+    features = stacked.astype(np.float32)
+    if features.max(initial=0.0) > 1.0:
+        features /= 255.0
+    label_vec = np.concatenate([lab.reshape(-1) for lab in labels]).astype(np.int64)
+    if label_vec.size == 0:
+        raise DataError(f"'{path}' holds no records")
+    if label_vec.min() < 0:
+        raise DataError(f"'{path}': labels must be non-negative class indices")
+    n_train_val = images[0].shape[0] + images[1].shape[0]
+    return Dataset(
+        name=path.stem,
+        features=features,
+        labels=label_vec,
+        num_classes=int(label_vec.max()) + 1,
+        test_indices=np.arange(n_train_val, label_vec.size, dtype=np.int64),
+    )
+
+
+def _load_csv(path: Path, *, label_column: str, site_column: str) -> Dataset:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"'{path}' is not a readable CSV file: {exc}") from None
+    if not header:
+        raise DataError(f"'{path}' is empty: a CSV needs a header row and records")
+    header = [h.strip() for h in header]
+    if label_column not in header:
+        raise DataError(
+            f"'{path}' has no label column '{label_column}' (columns: {', '.join(header)}); "
+            "name it with --label-column"
+        )
+    if not rows:
+        raise DataError(f"'{path}' has a header but no records")
+    label_idx = header.index(label_column)
+    site_idx = header.index(site_column) if site_column and site_column in header else None
+    feature_idx = [i for i in range(len(header)) if i not in (label_idx, site_idx)]
+    if not feature_idx:
+        raise DataError(f"'{path}' has no feature columns besides the label")
+    raw_labels: list[str] = []
+    raw_sites: list[str] = []
+    matrix = np.empty((len(rows), len(feature_idx)), dtype=np.float64)
+    for r, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise DataError(
+                f"'{path}' line {r}: {len(row)} fields, the header has {len(header)}"
+            )
+        raw_labels.append(row[label_idx].strip())
+        if site_idx is not None:
+            raw_sites.append(row[site_idx].strip())
+        for c, i in enumerate(feature_idx):
+            try:
+                matrix[r - 2, c] = float(row[i])
+            except ValueError:
+                raise DataError(
+                    f"'{path}' line {r}: column '{header[i]}' holds {row[i]!r}, not a number; "
+                    "encode categorical features numerically first"
+                ) from None
+    classes = sorted(set(raw_labels), key=_natural_key)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[v] for v in raw_labels], dtype=np.int64)
+    sites = np.array(raw_sites) if site_idx is not None else None
+    return Dataset(
+        name=path.stem,
+        features=_standardize(matrix),
+        labels=labels,
+        num_classes=len(classes),
+        sites=sites,
+        class_names=tuple(classes),
+    )
+
+
+def _natural_key(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)

@@ -1,0 +1,174 @@
+"""Who holds which record: a central test split plus, per hospital, training and held-out records.
+
+Training records are the *members* (what DP protects and what audits probe); held-out records
+are *non-members*, used for federated evaluation and as the audit's reference population.
+Everything is a deterministic function of the dataset and the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedpriv.config import RunConfig
+from fedpriv.data.datasets import Dataset, load_dataset
+from fedpriv.data.partition import MIN_RECORDS_PER_HOSPITAL, create_partitioner, site_names
+from fedpriv.errors import DataError
+
+__all__ = [
+    "FederatedSplit",
+    "HospitalSplit",
+    "make_split",
+    "split_for",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HospitalSplit:
+    name: str
+    train: np.ndarray
+    held_out: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.train.size + self.held_out.size)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FederatedSplit:
+    hospitals: tuple[HospitalSplit, ...]
+    test: np.ndarray
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hospitals": [
+                {
+                    "hospital": k,
+                    "name": h.name,
+                    "train": h.train.tolist(),
+                    "held_out": h.held_out.tolist(),
+                }
+                for k, h in enumerate(self.hospitals)
+            ],
+            "test": self.test.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FederatedSplit:
+        try:
+            hospitals = tuple(
+                HospitalSplit(
+                    name=str(h["name"]),
+                    train=np.asarray(h["train"], dtype=np.int64),
+                    held_out=np.asarray(h["held_out"], dtype=np.int64),
+                )
+                for h in data["hospitals"]
+            )
+            test = np.asarray(data["test"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"partitions.json is malformed: {exc}") from None
+        return cls(hospitals=hospitals, test=test)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())
+
+
+def make_split(
+    dataset: Dataset,
+    *,
+    num_hospitals: int,
+    partition: str,
+    seed: int,
+    alpha: float = 0.5,
+    classes_per_hospital: int = 2,
+    held_out_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+) -> FederatedSplit:
+    rng = np.random.default_rng(seed)
+    n = len(dataset)
+    if dataset.test_indices is not None:
+        test = np.sort(dataset.test_indices.astype(np.int64))
+    else:
+        test = _stratified_sample(dataset.labels, test_fraction, rng)
+    pool = np.setdiff1d(np.arange(n, dtype=np.int64), test, assume_unique=True)
+    needed = num_hospitals * MIN_RECORDS_PER_HOSPITAL
+    if pool.size < needed:
+        raise DataError(
+            f"{num_hospitals} hospitals need at least {needed} records (one to train on and "
+            f"one to hold out each) but only {pool.size} are left after the test split: "
+            "use fewer hospitals"
+        )
+    params: dict[str, Any] = {}
+    if partition == "dirichlet":
+        params["alpha"] = alpha
+    elif partition == "label-skew":
+        params["classes_per_hospital"] = classes_per_hospital
+    partitioner = create_partitioner(partition, **params)
+    sites = dataset.sites[pool] if dataset.sites is not None else None
+    parts = partitioner(
+        dataset.labels[pool], sites=sites, num_hospitals=num_hospitals, rng=rng
+    )
+    _check_partition(parts, pool.size, num_hospitals)
+    if partition == "natural" and sites is not None:
+        names = site_names(sites)
+    else:
+        names = [f"hospital-{k}" for k in range(num_hospitals)]
+    hospitals = []
+    for name, local in zip(names, parts, strict=True):
+        records = rng.permutation(pool[local])
+        if records.size < MIN_RECORDS_PER_HOSPITAL:
+            raise DataError(
+                f"{name} is left with {records.size} record(s) but needs at least "
+                f"{MIN_RECORDS_PER_HOSPITAL}: use fewer hospitals or a less skewed partition"
+            )
+        n_held = min(max(1, round(records.size * held_out_fraction)), records.size - 1)
+        hospitals.append(
+            HospitalSplit(
+                name=name,
+                train=np.sort(records[n_held:]),
+                held_out=np.sort(records[:n_held]),
+            )
+        )
+    return FederatedSplit(hospitals=tuple(hospitals), test=test)
+
+
+def split_for(config: RunConfig) -> tuple[Dataset, FederatedSplit]:
+    """The dataset and split a run configuration describes."""
+    dataset = load_dataset(
+        config.dataset, label_column=config.label_column, site_column=config.site_column
+    )
+    split = make_split(
+        dataset,
+        num_hospitals=config.hospitals,
+        partition=config.partition,
+        seed=config.seed,
+        alpha=config.alpha,
+        classes_per_hospital=config.classes_per_hospital,
+        held_out_fraction=config.held_out_fraction,
+        test_fraction=config.test_fraction,
+    )
+    return dataset, split
+
+
+def _stratified_sample(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    chosen: list[np.ndarray] = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        take = min(round(members.size * fraction), members.size - 1)
+        chosen.append(members[: max(take, 0)])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _check_partition(parts: Sequence[np.ndarray], size: int, num_hospitals: int) -> None:
+    # A partitioner bug must never silently duplicate or drop a record.
+    if len(parts) != num_hospitals:
+        raise RuntimeError(f"partitioner returned {len(parts)} parts for {num_hospitals}")
+    joined = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    if joined.size != size or np.unique(joined).size != size:
+        raise RuntimeError("partitioner returned overlapping or incomplete parts")

@@ -1,0 +1,106 @@
+"""The fedpriv message protocol: every key that travels between server and hospitals, named once.
+
+Server -> hospital (train / evaluate): an ArrayRecord under :data:`ARRAYS` (the global model)
+and a ConfigRecord under :data:`CONFIG` holding the run configuration (kebab-case keys) plus
+the protocol keys below.
+
+Hospital -> server: an ArrayRecord under :data:`ARRAYS` (train only), one MetricRecord under
+:data:`METRICS` with :data:`NUM_EXAMPLES`, and a ConfigRecord under :data:`HOSPITAL` that says
+who answered and whether it took part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from fedpriv.config import RunConfig
+from fedpriv.errors import ConfigError
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "HOSPITAL",
+    "METRICS",
+    "MODE_GRADIENT",
+    "MODE_WEIGHTS",
+    "NUM_EXAMPLES",
+    "STATUS_DECLINED",
+    "STATUS_OK",
+    "TrainingOrder",
+    "parse_order",
+]
+
+# record names inside a message's RecordDict
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+HOSPITAL = "hospital"
+
+# MetricRecord key the strategies weight by (Flower's own convention)
+NUM_EXAMPLES = "num-examples"
+
+# protocol keys inside the CONFIG record, beside the run configuration
+SERVER_ROUND = "server-round"
+MODEL_NAME = "model-name"
+MODEL_ARGS = "model-args"
+MODE = "update-mode"
+MODE_WEIGHTS = "weights"
+MODE_GRADIENT = "gradient"
+PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE})
+
+# keys inside the HOSPITAL record of a reply
+HOSPITAL_NAME = "name"
+HOSPITAL_INDEX = "index"
+STATUS = "status"
+STATUS_OK = "ok"
+STATUS_DECLINED = "declined"
+REASON = "reason"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOrder:
+    """What the server asks of a hospital this round, parsed once from the CONFIG record."""
+
+    config: RunConfig
+    server_round: int
+    model_name: str
+    model_args: dict[str, Any]
+    mode: str
+
+
+def order_record(
+    config: RunConfig, *, model_name: str, model_args: Mapping[str, Any], mode: str = MODE_WEIGHTS
+) -> dict[str, Any]:
+    """The CONFIG record's content for a run (the strategy adds ``server-round``)."""
+    record: dict[str, Any] = dict(config.to_mapping())
+    record[MODEL_NAME] = model_name
+    record[MODEL_ARGS] = json.dumps(dict(model_args), sort_keys=True)
+    record[MODE] = mode
+    return record
+
+
+def parse_order(record: Mapping[str, Any]) -> TrainingOrder:
+    """Validate what arrived; a malformed order is a :class:`ConfigError`, not a crash."""
+    values = dict(record)
+    try:
+        model_name = str(values.pop(MODEL_NAME))
+        model_args = json.loads(str(values.pop(MODEL_ARGS)))
+        server_round = int(values.pop(SERVER_ROUND, 0))
+        mode = str(values.pop(MODE, MODE_WEIGHTS))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"malformed training order from the server: {exc}") from None
+    if mode not in (MODE_WEIGHTS, MODE_GRADIENT):
+        raise ConfigError(f"unknown update mode '{mode}' in the server's order")
+    # Flower's stock strategies add keys of their own (e.g. FedProx's 'proximal-mu').
+    known = {k.replace("_", "-") for k in RunConfig.__dataclass_fields__}
+    config = RunConfig.from_mapping({k: v for k, v in values.items() if k in known})
+    return TrainingOrder(
+        config=config,
+        server_round=server_round,
+        model_name=model_name,
+        model_args=dict(model_args),
+        mode=mode,
+    )

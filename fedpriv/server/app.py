@@ -1,0 +1,33 @@
+"""The Flower ServerApp that ``flwr run`` loads (``serverapp`` in pyproject.toml).
+
+The run configuration comes from Flower's run config: the defaults in pyproject.toml's
+``[tool.flwr.app.config]`` plus any ``--run-config`` overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpriv.config import RunConfig
+from fedpriv.server.run import flower_logging, prepare_run, serve
+
+__all__ = ["app"]
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_mapping(dict(context.run_config))
+    plan = prepare_run(config, central=config.central_eval)
+    with flower_logging(plan.run_dir, quiet=False):
+        logger.info("run directory: %s", plan.run_dir.path.resolve())
+        outcome = serve(grid, plan)
+    logger.info(
+        "finished after round %d%s", outcome.last_round, f" ({outcome.stopped})" if outcome.stopped else ""
+    )

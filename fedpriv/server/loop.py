@@ -1,0 +1,161 @@
+"""THE round loop: drives any Message-API strategy through its four hooks.
+
+Flower's ``Strategy.start()`` owns a loop too, but it cannot resume from a checkpoint, skip
+hospitals that declined a round, or hand each finished round to the caller; this loop does
+all three and nothing else. Every strategy (ours and Flower's stock ones) runs through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedpriv import messages as msg
+from fedpriv.strategies.fedavg import hospital_name
+
+__all__ = ["RoundOutcome", "run_rounds", "wait_for_hospitals"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundOutcome:
+    """What one round produced, as the server saw it."""
+
+    round: int
+    arrays: ArrayRecord
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    hospitals: dict[str, dict[str, Any]]
+    declined: dict[str, str]
+    failed: dict[str, str]
+    seconds: float
+
+
+class FederationStopped(Exception):
+    """Too few hospitals are left to go on; the run ends cleanly with what it has."""
+
+
+def wait_for_hospitals(grid: Grid, count: int, timeout: float) -> int:
+    """Block until ``count`` hospitals are connected (or ``timeout`` passes); returns how many."""
+    deadline = time.monotonic() + timeout
+    connected = len(list(grid.get_node_ids()))
+    while connected < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+        connected = len(list(grid.get_node_ids()))
+    return connected
+
+
+def _split_replies(
+    replies: Iterable[Message],
+) -> tuple[list[Message], dict[str, str], dict[str, str]]:
+    ok: list[Message] = []
+    declined: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for reply in replies:
+        if reply.has_error():
+            who = f"node {reply.metadata.src_node_id}"
+            failed[who] = str(reply.error.reason).strip().splitlines()[-1][:500]
+            continue
+        status = reply.content.config_records.get(msg.HOSPITAL, ConfigRecord()).get(
+            msg.STATUS, msg.STATUS_OK
+        )
+        if status == msg.STATUS_DECLINED:
+            record = reply.content[msg.HOSPITAL]
+            declined[hospital_name(reply.content)] = str(record.get(msg.REASON, ""))
+        else:
+            ok.append(reply)
+    return ok, declined, failed
+
+
+def _per_hospital(replies: Iterable[Message], examples_key: str) -> dict[str, dict[str, Any]]:
+    """Each hospital's own metrics, snake_case, its example count under ``examples_key``."""
+    table: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        record = reply.content.metric_records.get(msg.METRICS, MetricRecord())
+        values: dict[str, Any] = {k.replace("-", "_"): v for k, v in record.items()}
+        count = values.pop("num_examples", None)
+        if count is not None:
+            values[examples_key] = count
+        table[hospital_name(reply.content)] = values
+    return table
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    *,
+    arrays: ArrayRecord,
+    first_round: int,
+    last_round: int,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    min_hospitals: int,
+    timeout: float,
+    on_round: Callable[[RoundOutcome], None],
+) -> ArrayRecord:
+    """Rounds ``first_round..last_round``; returns the final global arrays.
+
+    A round whose training replies come from fewer than ``min_hospitals`` hospitals ends
+    the run: the last good global model is kept and returned.
+    """
+    for server_round in range(first_round, last_round + 1):
+        started = time.perf_counter()
+        logger.info("[ROUND %d/%d]", server_round, last_round)
+        train_messages = strategy.configure_train(
+            server_round, arrays, ConfigRecord(dict(train_config)), grid
+        )
+        replies = list(grid.send_and_receive(train_messages, timeout=timeout))
+        ok, declined, failed = _split_replies(replies)
+        for who, reason in declined.items():
+            logger.warning("round %d: %s declined: %s", server_round, who, reason)
+        for who, reason in failed.items():
+            logger.warning("round %d: %s failed: %s", server_round, who, reason)
+        if len(ok) < min_hospitals:
+            detail = "; ".join(f"{k}: {v}" for k, v in {**failed, **declined}.items())
+            raise FederationStopped(
+                f"round {server_round}: only {len(ok)} hospital(s) trained, fewer than "
+                f"min-hospitals={min_hospitals}" + (f" ({detail})" if detail else "")
+            )
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, ok)
+        if new_arrays is None:
+            raise FederationStopped(f"round {server_round}: no usable update to aggregate")
+        arrays = new_arrays
+        hospitals = _per_hospital(ok, "train_examples")
+
+        eval_messages = strategy.configure_evaluate(
+            server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+        )
+        eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
+        eval_ok, _, eval_failed = _split_replies(eval_replies)
+        for who, reason in eval_failed.items():
+            logger.warning("round %d: evaluation at %s failed: %s", server_round, who, reason)
+        eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
+        for name, entry in _per_hospital(eval_ok, "num_examples").items():
+            hospitals.setdefault(name, {}).update(entry)
+        on_round(
+            RoundOutcome(
+                round=server_round,
+                arrays=arrays,
+                train_metrics=_plain(train_metrics),
+                eval_metrics=_plain(eval_metrics),
+                hospitals=hospitals,
+                declined=declined,
+                failed={**failed, **{f"{k} (evaluate)": v for k, v in eval_failed.items()}},
+                seconds=time.perf_counter() - started,
+            )
+        )
+    return arrays
+
+
+def _plain(record: MetricRecord | None) -> dict[str, float]:
+    if record is None:
+        return {}
+    return {k.replace("-", "_"): float(v) for k, v in record.items() if isinstance(v, int | float)}

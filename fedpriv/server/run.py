@@ -1,0 +1,314 @@
+"""Preparing a run and serving it: shared by ``fedpriv simulate`` and ``flwr run``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpriv import messages as msg
+from fedpriv.config import RunConfig
+from fedpriv.data import Dataset, FederatedSplit, split_for
+from fedpriv.errors import ConfigError
+from fedpriv.models import build, default_model
+from fedpriv.server.loop import FederationStopped, RoundOutcome, run_rounds, wait_for_hospitals
+from fedpriv.server.rundir import FLOWER_LOG, Checkpoint, RunDirectory, new_run_name
+from fedpriv.strategies import PlainAggregator, create_strategy
+from fedpriv.training import evaluate, make_loader, resolve_device, set_weights
+
+__all__ = [
+    "RunPlan",
+    "ServeOutcome",
+    "build_server_app",
+    "flower_logging",
+    "initial_weights",
+    "prepare_run",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+CentralEvaluator = Callable[[dict[str, np.ndarray]], dict[str, float]]
+
+#: how long the server waits for the run's hospitals to connect before starting anyway
+NODE_WAIT_SECONDS = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Everything the server needs, resolved and validated before any process starts."""
+
+    config: RunConfig
+    model_name: str
+    model_args: dict[str, Any]
+    run_dir: RunDirectory
+    central: CentralEvaluator | None
+    resume: Checkpoint | None = None
+
+
+@dataclasses.dataclass
+class ServeOutcome:
+    """Filled in by :func:`serve` (it runs on Flower's server thread)."""
+
+    last_round: int = 0
+    stopped: str = ""
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, Any]]:
+    return default_model(
+        kind=dataset.kind,
+        input_shape=tuple(dataset.features.shape[1:]),
+        num_classes=dataset.num_classes,
+        name=config.model,
+    )
+
+
+def _check_run(config: RunConfig) -> None:
+    from fedpriv.strategies import available_strategies
+
+    if config.strategy not in available_strategies():
+        raise ConfigError(
+            f"unknown strategy '{config.strategy}': use one of {', '.join(available_strategies())}"
+        )
+    resolve_device(config.device)
+    if config.min_hospitals > config.hospitals:
+        raise ConfigError(
+            f"min-hospitals ({config.min_hospitals}) is more than hospitals ({config.hospitals})"
+        )
+
+
+def prepare_run(
+    config: RunConfig,
+    *,
+    resume_dir: str | Path | None = None,
+    central: bool = True,
+) -> RunPlan:
+    """Validate, split the data, create (or reopen) the run directory; start nothing yet."""
+    if resume_dir is not None:
+        run_dir = RunDirectory.open(resume_dir)
+        saved, model_name, model_args = run_dir.read_config()
+        if config.rounds < saved.rounds:
+            config = saved
+        else:
+            config = saved.replace(rounds=config.rounds)
+        _check_run(config)
+        dataset, split = split_for(config)
+        if split.dumps() != run_dir.read_partitions().dumps():
+            raise ConfigError(
+                f"the data no longer splits as recorded in {run_dir.path}/partitions.json: "
+                "was the dataset file changed?"
+            )
+        checkpoint = run_dir.load_checkpoint()
+        if checkpoint is not None:
+            run_dir.keep_metrics_through(checkpoint.round)
+        else:
+            run_dir.keep_metrics_through(0)
+        run_dir.write_config(config, model_name=model_name, model_args=model_args)
+    else:
+        _check_run(config)
+        dataset, split = split_for(config)
+        model_name, model_args = resolve_model(config, dataset)
+        build(model_name, **model_args)  # fail now, not in every hospital
+        name = config.run_name or new_run_name()
+        run_dir = RunDirectory.create(Path(config.out) / name)
+        config = config.replace(run_name=name)
+        run_dir.write_config(config, model_name=model_name, model_args=model_args)
+        run_dir.write_partitions(split)
+        checkpoint = None
+    evaluator = (
+        _central_evaluator(config, dataset, split, model_name, model_args) if central else None
+    )
+    return RunPlan(
+        config=config,
+        model_name=model_name,
+        model_args=model_args,
+        run_dir=run_dir,
+        central=evaluator,
+        resume=checkpoint,
+    )
+
+
+def _central_evaluator(
+    config: RunConfig,
+    dataset: Dataset,
+    split: FederatedSplit,
+    model_name: str,
+    model_args: dict[str, Any],
+) -> CentralEvaluator:
+    """Accuracy on the central test split: the simulation harness only, never a hospital."""
+    features = dataset.features[split.test]
+    labels = dataset.labels[split.test]
+
+    def evaluate_weights(weights: dict[str, np.ndarray]) -> dict[str, float]:
+        model = build(model_name, **model_args)
+        set_weights(model, weights)
+        loader = make_loader(features, labels, batch_size=1024, shuffle=False)
+        stats = evaluate(
+            model, loader, criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu")
+        )
+        return {"test_loss": stats.loss, "test_accuracy": stats.accuracy}
+
+    return evaluate_weights
+
+
+def initial_weights(model_name: str, model_args: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    model = build(model_name, **model_args)
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _to_weights(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def _row(outcome: RoundOutcome, central: dict[str, float], seconds: float) -> dict[str, Any]:
+    tm, em = outcome.train_metrics, outcome.eval_metrics
+    return {
+        "round": outcome.round,
+        "train_loss": _num(tm.get("train_loss")),
+        "eval_loss": _num(em.get("eval_loss")),
+        "eval_accuracy": _num(em.get("eval_accuracy")),
+        "test_loss": _num(central.get("test_loss")),
+        "test_accuracy": _num(central.get("test_accuracy")),
+        "seconds": round(seconds, 4),
+        "hospitals": outcome.hospitals,
+        "declined": outcome.declined,
+        "failed": outcome.failed,
+    }
+
+
+def _num(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def serve(
+    grid: Grid,
+    plan: RunPlan,
+    *,
+    on_round: RoundCallback | None = None,
+    outcome: ServeOutcome | None = None,
+) -> ServeOutcome:
+    """Run the planned rounds on ``grid``: metrics, a checkpoint each round, the final model."""
+    import time
+
+    config = plan.config
+    outcome = outcome if outcome is not None else ServeOutcome()
+    strategy = create_strategy(config.strategy, config=config, aggregator=PlainAggregator())
+    strategy.summary()
+    if plan.resume is not None:
+        weights = plan.resume.weights
+        first_round = plan.resume.round + 1
+        logger.info("resuming %s after round %d", plan.run_dir.path, plan.resume.round)
+    else:
+        weights = initial_weights(plan.model_name, plan.model_args, config.seed)
+        first_round = 1
+    outcome.last_round = first_round - 1
+    arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()})
+    order = ConfigRecord(
+        msg.order_record(config, model_name=plan.model_name, model_args=plan.model_args)
+    )
+    connected = wait_for_hospitals(grid, config.hospitals, NODE_WAIT_SECONDS)
+    if connected < config.hospitals:
+        logger.warning(
+            "only %d of %d hospitals connected; starting without the others",
+            connected,
+            config.hospitals,
+        )
+
+    def finish_round(result: RoundOutcome) -> None:
+        started = time.perf_counter()
+        round_weights = _to_weights(result.arrays)
+        central = plan.central(round_weights) if plan.central else {}
+        row = _row(result, central, result.seconds + time.perf_counter() - started)
+        plan.run_dir.append_metrics(row)
+        plan.run_dir.save_checkpoint(result.round, round_weights, {"strategy": config.strategy})
+        outcome.last_round = result.round
+        outcome.rows.append(row)
+        if on_round is not None:
+            on_round(row)
+
+    final = arrays
+    if first_round <= config.rounds:
+        try:
+            final = run_rounds(
+                strategy,
+                grid,
+                arrays=arrays,
+                first_round=first_round,
+                last_round=config.rounds,
+                train_config=order,
+                evaluate_config=order,
+                min_hospitals=min(config.min_hospitals, config.hospitals),
+                timeout=config.round_timeout,
+                on_round=finish_round,
+            )
+        except FederationStopped as stop:
+            outcome.stopped = str(stop)
+            logger.warning("run stopped early: %s", stop)
+            checkpoint = plan.run_dir.load_checkpoint()
+            if checkpoint is not None:
+                final = ArrayRecord(
+                    {k: Array(np.asarray(v)) for k, v in checkpoint.weights.items()}
+                )
+    plan.run_dir.save_model(_to_weights(final))
+    return outcome
+
+
+def build_server_app(
+    plan: RunPlan, *, on_round: RoundCallback | None = None, outcome: ServeOutcome | None = None
+) -> ServerApp:
+    """A ServerApp bound to one prepared run (the in-process simulation uses this)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, plan, on_round=on_round, outcome=outcome)
+
+    return app
+
+
+@contextlib.contextmanager
+def flower_logging(run_dir: RunDirectory, *, quiet: bool) -> Iterator[Path]:
+    """Send Flower's and fedpriv's log records to ``flower.log`` in the run directory.
+
+    With ``quiet`` the terminal gets none of them (the CLI shows its own progress instead).
+    """
+    path = run_dir.file(FLOWER_LOG)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    flwr_logger = logging.getLogger("flwr")
+    ours = logging.getLogger("fedpriv")
+    saved = (list(flwr_logger.handlers), ours.propagate, ours.level)
+    if quiet:
+        for existing in list(flwr_logger.handlers):
+            flwr_logger.removeHandler(existing)
+        ours.propagate = False
+    flwr_logger.addHandler(handler)
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        flwr_logger.removeHandler(handler)
+        ours.removeHandler(handler)
+        handler.close()
+        if quiet:
+            for existing in saved[0]:
+                if existing not in flwr_logger.handlers:
+                    flwr_logger.addHandler(existing)
+        ours.propagate, ours.level = saved[1], saved[2]
