@@ -191,7 +191,9 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
     with progress:
         if plan.resume is not None:
             progress.update(
-                task, completed=plan.resume.round, status=f"resuming after round {plan.resume.round}"
+                task,
+                completed=plan.resume.round,
+                status=f"resuming after round {plan.resume.round}",
             )
         result = run_plan(plan, on_round=on_round)
     _print_summary(result)

@@ -53,7 +53,7 @@ class RunConfig:
     # local training
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.0
     model: str = ""
     seed: int = 0
@@ -74,14 +74,12 @@ class RunConfig:
         )
         _check(
             self.alpha > 0,
-            f"alpha must be > 0 (got {self.alpha}); smaller means more skewed hospitals, "
-            "e.g. 0.5",
+            f"alpha must be > 0 (got {self.alpha}); smaller means more skewed hospitals, e.g. 0.5",
         )
         _check(self.classes_per_hospital >= 1, "classes-per-hospital must be at least 1")
         _check(
             0 < self.held_out_fraction < 1,
-            "held-out-fraction must be strictly between 0 and 1 "
-            f"(got {self.held_out_fraction})",
+            f"held-out-fraction must be strictly between 0 and 1 (got {self.held_out_fraction})",
         )
         _check(
             0 < self.test_fraction < 1,
@@ -126,9 +124,7 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         """Kebab-case keys, JSON/TOML/Flower-compatible scalar values."""
-        return {
-            f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)
-        }
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -55,7 +55,7 @@ def default_model(
     chosen = name or ("cnn" if kind == "image" else "mlp")
     if chosen == "cnn":
         if len(input_shape) != 3:
-                raise ConfigError("model 'cnn' needs image data; use --model mlp for tables")
+            raise ConfigError("model 'cnn' needs image data; use --model mlp for tables")
         return chosen, {"in_channels": int(input_shape[0]), "num_classes": num_classes}
     features = 1
     for dim in input_shape:

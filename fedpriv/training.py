@@ -101,9 +101,7 @@ def train(
     """
     model.to(device)
     model.train()
-    anchor = (
-        [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    )
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     total_loss = 0.0
     total_examples = 0
     steps = 0
@@ -116,8 +114,7 @@ def train(
             loss = criterion(outputs, targets)
             if anchor is not None:
                 prox = sum(
-                    (p - a).pow(2).sum()
-                    for p, a in zip(model.parameters(), anchor, strict=True)
+                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
@@ -176,12 +173,8 @@ def per_example_losses(
         x = torch.from_numpy(features[start : start + batch_size]).to(device)
         y = torch.from_numpy(labels[start : start + batch_size]).to(device)
         logits = model(x)
-        losses.append(
-            nn.functional.cross_entropy(logits, y, reduction="none").cpu().numpy()
-        )
-        probs.append(
-            torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu().numpy()
-        )
+        losses.append(nn.functional.cross_entropy(logits, y, reduction="none").cpu().numpy())
+        probs.append(torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu().numpy())
     if not losses:
         return np.empty(0), np.empty(0)
     return np.concatenate(losses), np.concatenate(probs)

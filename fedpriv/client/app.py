@@ -21,9 +21,9 @@ def _hospital_record(data: HospitalData, status: str = msg.STATUS_OK) -> ConfigR
 
 @app.train()
 def handle_train(message: Message, context: Context) -> Message:
-    order = msg.parse_order(message.content[msg.CONFIG])
+    order = msg.parse_order(message.content.config_records[msg.CONFIG])
     data = local_data(order.config, context.node_config)
-    arrays, stats = train_round(order, data, message.content[msg.ARRAYS])
+    arrays, stats = train_round(order, data, message.content.array_records[msg.ARRAYS])
     metrics = MetricRecord({"train-loss": stats.loss, msg.NUM_EXAMPLES: data.train_labels.size})
     content = RecordDict(
         {msg.ARRAYS: arrays, msg.METRICS: metrics, msg.HOSPITAL: _hospital_record(data)}
@@ -33,9 +33,9 @@ def handle_train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def handle_evaluate(message: Message, context: Context) -> Message:
-    order = msg.parse_order(message.content[msg.CONFIG])
+    order = msg.parse_order(message.content.config_records[msg.CONFIG])
     data = local_data(order.config, context.node_config)
-    stats = evaluate_round(order, data, message.content[msg.ARRAYS])
+    stats = evaluate_round(order, data, message.content.array_records[msg.ARRAYS])
     metrics = MetricRecord(
         {
             "eval-loss": stats.loss,

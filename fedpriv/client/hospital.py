@@ -132,9 +132,7 @@ def train_round(
     return ArrayRecord({k: Array(v) for k, v in result.items()}), stats
 
 
-def evaluate_round(
-    order: msg.TrainingOrder, data: HospitalData, arrays: ArrayRecord
-) -> EvalStats:
+def evaluate_round(order: msg.TrainingOrder, data: HospitalData, arrays: ArrayRecord) -> EvalStats:
     """The global model on this hospital's held-out records."""
     device = resolve_device(order.config.device)
     model = _model(order, arrays)

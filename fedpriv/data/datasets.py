@@ -73,9 +73,7 @@ def available_datasets() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def load_dataset(
-    spec: str, *, label_column: str = "label", site_column: str = "site"
-) -> Dataset:
+def load_dataset(spec: str, *, label_column: str = "label", site_column: str = "site") -> Dataset:
     """Load a registered dataset by name, or a ``.npz`` / ``.csv`` file by path.
 
     The result is cached per process (hospitals load the same file every round).
@@ -233,9 +231,7 @@ def _load_csv(path: Path, *, label_column: str, site_column: str) -> Dataset:
     matrix = np.empty((len(rows), len(feature_idx)), dtype=np.float64)
     for r, row in enumerate(rows, start=2):
         if len(row) != len(header):
-            raise DataError(
-                f"'{path}' line {r}: {len(row)} fields, the header has {len(header)}"
-            )
+            raise DataError(f"'{path}' line {r}: {len(row)} fields, the header has {len(header)}")
         raw_labels.append(row[label_idx].strip())
         if site_idx is not None:
             raw_sites.append(row[site_idx].strip())

@@ -149,9 +149,7 @@ def label_skew(
         members = rng.permutation(np.flatnonzero(labels == c))
         for owner, chunk in zip(owners, np.array_split(members, len(owners)), strict=True):
             parts[owner].append(chunk)
-    return [
-        np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts
-    ]
+    return [np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts]
 
 
 @register_partitioner("natural")

@@ -109,9 +109,7 @@ def make_split(
         params["classes_per_hospital"] = classes_per_hospital
     partitioner = create_partitioner(partition, **params)
     sites = dataset.sites[pool] if dataset.sites is not None else None
-    parts = partitioner(
-        dataset.labels[pool], sites=sites, num_hospitals=num_hospitals, rng=rng
-    )
+    parts = partitioner(dataset.labels[pool], sites=sites, num_hospitals=num_hospitals, rng=rng)
     _check_partition(parts, pool.size, num_hospitals)
     if partition == "natural" and sites is not None:
         names = site_names(sites)
@@ -154,9 +152,7 @@ def split_for(config: RunConfig) -> tuple[Dataset, FederatedSplit]:
     return dataset, split
 
 
-def _stratified_sample(
-    labels: np.ndarray, fraction: float, rng: np.random.Generator
-) -> np.ndarray:
+def _stratified_sample(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     chosen: list[np.ndarray] = []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))

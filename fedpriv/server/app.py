@@ -29,5 +29,7 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("run directory: %s", plan.run_dir.path.resolve())
         outcome = serve(grid, plan)
     logger.info(
-        "finished after round %d%s", outcome.last_round, f" ({outcome.stopped})" if outcome.stopped else ""
+        "finished after round %d%s",
+        outcome.last_round,
+        f" ({outcome.stopped})" if outcome.stopped else "",
     )

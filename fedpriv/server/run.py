@@ -82,10 +82,6 @@ def _check_run(config: RunConfig) -> None:
             f"unknown strategy '{config.strategy}': use one of {', '.join(available_strategies())}"
         )
     resolve_device(config.device)
-    if config.min_hospitals > config.hospitals:
-        raise ConfigError(
-            f"min-hospitals ({config.min_hospitals}) is more than hospitals ({config.hospitals})"
-        )
 
 
 def prepare_run(
@@ -162,7 +158,9 @@ def _central_evaluator(
     return evaluate_weights
 
 
-def initial_weights(model_name: str, model_args: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+def initial_weights(
+    model_name: str, model_args: dict[str, Any], seed: int
+) -> dict[str, np.ndarray]:
     torch.manual_seed(seed)
     model = build(model_name, **model_args)
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
@@ -288,9 +286,7 @@ def flower_logging(run_dir: RunDirectory, *, quiet: bool) -> Iterator[Path]:
     """
     path = run_dir.file(FLOWER_LOG)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     flwr_logger = logging.getLogger("flwr")
     ours = logging.getLogger("fedpriv")
     saved = (list(flwr_logger.handlers), ours.propagate, ours.level)

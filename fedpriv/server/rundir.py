@@ -162,7 +162,7 @@ class RunDirectory:
                 weights={k: v.numpy() for k, v in payload["state_dict"].items()},
                 extra=json.loads(payload.get("extra", "{}")),
             )
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported alike
+        except Exception as exc:
             raise RunDirectoryError(f"checkpoint '{path}' cannot be read: {exc}") from None
 
     def save_model(self, weights: Mapping[str, np.ndarray]) -> None:

@@ -96,7 +96,7 @@ def run_plan(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=config.hospitals,
-            backend_config=_backend_config(config),  # type: ignore[arg-type]
+            backend_config=_backend_config(config),
         )
     return SimulationResult(
         run_dir=plan.run_dir.path,

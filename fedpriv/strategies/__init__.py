@@ -120,5 +120,7 @@ def _fedyogi(config: RunConfig, aggregator: Aggregator) -> Strategy:
 @register_strategy("fedavgm", stock=True)
 def _fedavgm(config: RunConfig, aggregator: Aggregator) -> Strategy:
     return FedAvgM(
-        server_learning_rate=config.server_lr, server_momentum=0.9, **_stock_kwargs(config)  # type: ignore[arg-type]
+        server_learning_rate=config.server_lr,
+        server_momentum=0.9,
+        **_stock_kwargs(config),  # type: ignore[arg-type]
     )

@@ -105,8 +105,5 @@ class PlainAggregator(Aggregator):
         if total == 0:
             return None
         return ArrayRecord(
-            {
-                k: Array(np.asarray(sums[k] / total, dtype=reference[k].dtype))
-                for k in reference
-            }
+            {k: Array(np.asarray(sums[k] / total, dtype=reference[k].dtype)) for k in reference}
         )

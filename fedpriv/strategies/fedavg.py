@@ -72,8 +72,8 @@ class FedAvg(Strategy):
         contributions = [
             Contribution(
                 hospital=hospital_name(c),
-                arrays=c[msg.ARRAYS],
-                num_examples=int(c[msg.METRICS][msg.NUM_EXAMPLES]),
+                arrays=c.array_records[msg.ARRAYS],
+                num_examples=int(c.metric_records[msg.METRICS][msg.NUM_EXAMPLES]),  # type: ignore[arg-type]
             )
             for c in contents
             if msg.ARRAYS in c.array_records and msg.METRICS in c.metric_records
@@ -102,8 +102,7 @@ class FedAvg(Strategy):
     ) -> list[Message]:
         content = RecordDict({msg.ARRAYS: arrays, msg.CONFIG: config})
         return [
-            Message(content=content, message_type=message_type, dst_node_id=node)
-            for node in nodes
+            Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes
         ]
 
 
@@ -123,7 +122,7 @@ def weighted_metrics(contents: Sequence[RecordDict]) -> MetricRecord | None:
         record = content.metric_records.get(msg.METRICS)
         if record is None:
             continue
-        n = float(record.get(msg.NUM_EXAMPLES, 0))
+        n = float(record.get(msg.NUM_EXAMPLES, 0))  # type: ignore[arg-type]
         total += int(n)
         for key, value in record.items():
             if key == msg.NUM_EXAMPLES or not isinstance(value, int | float):

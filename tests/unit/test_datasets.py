@@ -1,0 +1,92 @@
+"""Datasets: embedded ones, MedMNIST-layout .npz and .csv files, and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpriv.data import load_dataset
+from fedpriv.errors import DataError
+
+
+def test_embedded_datasets() -> None:
+    cancer = load_dataset("breast-cancer")
+    assert cancer.features.shape == (569, 30) and cancer.features.dtype == np.float32
+    assert cancer.num_classes == 2 and cancer.kind == "tabular"
+    digits = load_dataset("digits")
+    assert digits.features.shape == (1797, 1, 8, 8)
+    assert digits.features.min() >= 0.0 and digits.features.max() <= 1.0
+    assert digits.num_classes == 10 and digits.kind == "image"
+
+
+def _medmnist(path: Path, *, rgb: bool = False, drop: str | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 5), ("test", 7)):
+        shape = (n, 28, 28, 3) if rgb else (n, 28, 28)
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 4, size=(n, 1))
+    arrays["train_labels"][0, 0] = 3  # make sure the largest class appears
+    if drop:
+        del arrays[drop]
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_in_medmnist_layout(tmp_path: Path) -> None:
+    data = load_dataset(str(_medmnist(tmp_path / "organ.npz")))
+    assert data.features.shape == (32, 1, 28, 28)
+    assert data.features.max() <= 1.0
+    assert data.labels.shape == (32,) and data.num_classes == 4
+    # the file's own test split is kept as the central test split, at the end of the index space
+    assert data.test_indices is not None and data.test_indices.tolist() == list(range(25, 32))
+
+
+def test_npz_rgb_is_channels_first(tmp_path: Path) -> None:
+    data = load_dataset(str(_medmnist(tmp_path / "rgb.npz", rgb=True)))
+    assert data.features.shape == (32, 3, 28, 28)
+
+
+def test_npz_without_expected_keys(tmp_path: Path) -> None:
+    path = _medmnist(tmp_path / "broken.npz", drop="val_labels")
+    with pytest.raises(DataError, match="lacks val_labels"):
+        load_dataset(str(path))
+
+
+def test_npz_that_is_not_an_archive(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.npz"
+    path.write_bytes(b"this is not a zip file")
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
+        load_dataset(str(path))
+
+
+def test_csv_with_label_and_site(tmp_path: Path) -> None:
+    path = tmp_path / "patients.csv"
+    path.write_text("age,bp,site,label\n50,120,A,yes\n61,130,B,no\n45,110,A,no\n70,150,B,yes\n")
+    data = load_dataset(str(path))
+    assert data.features.shape == (4, 2)
+    assert data.labels.tolist() == [1, 0, 0, 1]  # classes sorted: no=0, yes=1
+    assert data.sites is not None and data.sites.tolist() == ["A", "B", "A", "B"]
+
+
+def test_csv_without_label_column(tmp_path: Path) -> None:
+    path = tmp_path / "nolabel.csv"
+    path.write_text("age,bp\n50,120\n")
+    with pytest.raises(DataError, match=r"no label column 'label'.*--label-column"):
+        load_dataset(str(path))
+
+
+def test_csv_with_text_feature(tmp_path: Path) -> None:
+    path = tmp_path / "text.csv"
+    path.write_text("age,sex,label\n50,F,1\n")
+    with pytest.raises(DataError, match="line 2: column 'sex' holds 'F'"):
+        load_dataset(str(path))
+
+
+def test_missing_file_and_unknown_name() -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("/no/such/file.csv")
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
