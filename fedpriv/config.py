@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -135,6 +136,7 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@functools.cache
 def _field_types() -> dict[str, type]:
     hints = get_type_hints(RunConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
