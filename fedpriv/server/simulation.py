@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.config import RunConfig
+from fedpriv.errors import DeviceError
 from fedpriv.server.run import (
     RoundCallback,
     RunPlan,
@@ -75,7 +76,27 @@ def simulate(
 
 def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -> RunPlan:
     """Validate and write the run directory's first files; nothing is started yet."""
-    return prepare_run(config, resume_dir=resume, central=True)
+    return prepare_run(share_gpu(config), resume_dir=resume, central=True)
+
+
+def share_gpu(config: RunConfig) -> RunConfig:
+    """Give simulated hospitals a GPU share when they are to use CUDA but asked for none.
+
+    Ray hides the GPUs from workers that reserve none, so ``--device auto`` on a GPU machine
+    would silently train on the CPU. The hospitals that run at once (one per
+    ``cpus-per-hospital`` cores) share one GPU unless ``--gpus-per-hospital`` says otherwise.
+    """
+    import torch
+
+    if config.gpus_per_hospital > 0 and not torch.cuda.is_available():
+        raise DeviceError(
+            f"--gpus-per-hospital {config.gpus_per_hospital} was asked for but this machine "
+            "has no usable CUDA GPU: leave it at 0"
+        )
+    if config.gpus_per_hospital > 0 or config.device == "cpu" or not torch.cuda.is_available():
+        return config
+    concurrent = max(1, int((os.cpu_count() or 1) // config.cpus_per_hospital))
+    return config.replace(gpus_per_hospital=round(1.0 / concurrent, 4))
 
 
 def run_plan(

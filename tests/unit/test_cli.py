@@ -93,3 +93,11 @@ def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
 def test_nothing_is_written_on_bad_input(tmp_path: Path) -> None:
     runner.invoke(app, ["simulate", "--rounds", "0", "--out", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_share_without_cuda(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _bad(["simulate", "--gpus-per-hospital", "0.5", "--out", str(tmp_path)], "no usable CUDA GPU")
