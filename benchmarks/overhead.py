@@ -14,6 +14,7 @@ Prints a JSON summary (and writes it with --json FILE).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -104,7 +105,7 @@ def flower_simulation(config: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     result = simulate(config, on_round=lambda row: ends.append(time.perf_counter()))
     finished = time.perf_counter()
-    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(ends)]
     steady = statistics.median(gaps) if gaps else float("nan")
     return {
         # time before round 1 could begin: engine start, workers' imports, data loading

@@ -112,6 +112,46 @@ def simulate(
     gpus_per_hospital: Annotated[
         float | None, typer.Option(help="GPU share per simulated hospital (e.g. 0.25)")
     ] = None,
+    dp: Annotated[
+        bool | None,
+        typer.Option(
+            "--dp/--no-dp", help="DP-SGD at every hospital (on unless --no-dp)", show_default=False
+        ),
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="target epsilon per hospital for the whole run [4]")
+    ] = None,
+    delta: Annotated[float | None, typer.Option(help="delta, below 1/n of every hospital")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="per-sample gradient clipping norm C [1.0]")
+    ] = None,
+    noise_multiplier: Annotated[
+        float | None, typer.Option(help="fixed noise multiplier instead of calibrating")
+    ] = None,
+    accountant: Annotated[str | None, typer.Option(help="prv or rdp [prv]")] = None,
+    grad_sample_mode: Annotated[
+        str | None, typer.Option(help="auto, hooks or ghost (Opacus per-sample gradients)")
+    ] = None,
+    budget_epsilon: Annotated[
+        float | None, typer.Option(help="each hospital's lifetime epsilon cap [10]")
+    ] = None,
+    ledger_dir: Annotated[
+        str | None,
+        typer.Option(help="persistent directory for the hospitals' ledgers (default: the run)"),
+    ] = None,
+    dp_level: Annotated[
+        str | None, typer.Option(help="sample (DP-SGD), client (server-side), or both")
+    ] = None,
+    client_clip_norm: Annotated[
+        float | None, typer.Option(help="client-level DP: clip norm S of a hospital's update")
+    ] = None,
+    client_noise_multiplier: Annotated[
+        float | None, typer.Option(help="client-level DP: noise multiplier z")
+    ] = None,
+    fix_model: Annotated[
+        bool | None,
+        typer.Option("--fix-model", help="replace BatchNorm layers with GroupNorm for DP-SGD"),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with run-config keys")
     ] = None,
@@ -140,6 +180,19 @@ def simulate(
         "seed": seed,
         "device": device,
         "gpus-per-hospital": gpus_per_hospital,
+        "dp": dp,
+        "epsilon": epsilon,
+        "delta": delta,
+        "max-grad-norm": max_grad_norm,
+        "noise-multiplier": noise_multiplier,
+        "accountant": accountant,
+        "grad-sample-mode": grad_sample_mode,
+        "budget-epsilon": budget_epsilon,
+        "ledger-dir": ledger_dir,
+        "dp-level": dp_level,
+        "client-clip-norm": client_clip_norm,
+        "client-noise-multiplier": client_noise_multiplier,
+        "fix-model": fix_model,
         "out": out,
         "run-name": name,
     }
@@ -163,6 +216,8 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
 
     plan = prepare_simulation(config, resume=resume)
     config = plan.config
+    for notice in plan.notices:
+        err_console.print(f"[bold yellow]warning:[/] {notice}", highlight=False)
 
     progress = Progress(
         SpinnerColumn(),
@@ -184,6 +239,8 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
             parts = [f"acc {_fmt(row.get('eval_accuracy'))}"]
             if row.get("test_accuracy") is not None:
                 parts.append(f"test {_fmt(row['test_accuracy'])}")
+            if row.get("epsilon"):
+                parts.append(f"ε max {max(row['epsilon'].values()):.2f}")
             if row.get("declined"):
                 parts.append(f"{len(row['declined'])} declined")
             progress.update(task, completed=row["round"], status="  ".join(parts))
@@ -215,28 +272,109 @@ def _print_summary(result: Any) -> None:
     table.add_column("held-out records", justify="right")
     table.add_column("held-out accuracy", justify="right")
     table.add_column("held-out loss", justify="right")
+    epsilons = final.get("epsilon") or {}
+    if epsilons:
+        table.add_column("epsilon spent", justify="right")
     for name, entry in sorted(final.get("hospitals", {}).items()):
-        table.add_row(
+        cells = [
             name,
             str(entry.get("train_examples", "-")),
             str(entry.get("num_examples", "-")),
             _fmt(entry.get("eval_accuracy")),
             _fmt(entry.get("eval_loss")),
-        )
+        ]
+        if epsilons:
+            cells.append(_fmt(epsilons.get(name)))
+        table.add_row(*cells)
     table.add_section()
+    extra = [""] if epsilons else []
     table.add_row(
         "federation (weighted)",
         "",
         "",
         _fmt(final.get("eval_accuracy")),
         _fmt(final.get("eval_loss")),
+        *([_fmt(max(epsilons.values()))] if epsilons else []),
     )
     if final.get("test_accuracy") is not None:
         table.add_row(
-            "central test split", "", "", _fmt(final["test_accuracy"]), _fmt(final["test_loss"])
+            "central test split",
+            "",
+            "",
+            _fmt(final["test_accuracy"]),
+            _fmt(final["test_loss"]),
+            *extra,
         )
     console.print(table)
+    config = result.config
+    if config.sample_level_dp and epsilons:
+        console.print(
+            f"record-level DP: epsilon {max(epsilons.values()):.2f} at delta {config.delta:g} "
+            f"({config.accountant.upper()} accountant, max over hospitals)",
+            highlight=False,
+        )
+    if config.client_level_dp and final.get("client_epsilon") is not None:
+        console.print(
+            f"hospital-level DP: epsilon {final['client_epsilon']:.2f} at delta {config.delta:g}",
+            highlight=False,
+        )
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
+
+
+# ---- budget ----------------------------------------------------------------------------
+
+
+@app.command()
+def budget(
+    ledger: Annotated[
+        list[Path] | None, typer.Option("--ledger", help="a hospital's ledger file (repeatable)")
+    ] = None,
+    ledger_dir: Annotated[
+        Path | None, typer.Option(help="a directory of ledgers (*.sqlite), e.g. a run's ledgers/")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show what each hospital has spent of its privacy budget."""
+
+    def run() -> None:
+        from fedpriv.privacy.ledger import Ledger
+
+        paths = list(ledger or [])
+        if ledger_dir is not None:
+            if not ledger_dir.is_dir():
+                raise ConfigError(f"--ledger-dir '{ledger_dir}' is not a directory")
+            paths += sorted(ledger_dir.glob("*.sqlite"))
+            if not paths:
+                raise ConfigError(f"no ledgers (*.sqlite) in '{ledger_dir}'")
+        if not paths:
+            raise ConfigError("give --ledger PATH or --ledger-dir DIR")
+        rows = [row for path in paths for row in Ledger.open(path, create=False).summary()]
+        if as_json:
+            import dataclasses
+            import json
+
+            payload = [{**dataclasses.asdict(r), "remaining": r.remaining} for r in rows]
+            typer.echo(json.dumps(payload, indent=2))
+            return
+        table = Table(title="Privacy budget (epsilon composed over every recorded round)")
+        table.add_column("hospital", no_wrap=True)
+        table.add_column("dataset", no_wrap=True)
+        for column in ("runs", "rounds", "epsilon", "delta", "cap", "remaining"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for r in rows:
+            table.add_row(
+                r.hospital,
+                r.dataset_name,
+                str(r.runs),
+                str(r.rounds),
+                f"{r.epsilon:.3f}",
+                f"{r.delta:g}",
+                f"{r.budget_epsilon:.2f}",
+                f"{r.remaining:.3f}",
+            )
+        console.print(table)
+
+    _guard(run)
 
 
 def main() -> None:

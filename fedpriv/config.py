@@ -26,6 +26,9 @@ __all__ = [
 
 PARTITIONS = ("iid", "dirichlet", "label-skew", "natural")
 DEVICES = ("auto", "cpu", "cuda")
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
+DP_LEVELS = ("sample", "client", "both")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,25 @@ class RunConfig:
     momentum: float = 0.0
     model: str = ""
     seed: int = 0
+    # differential privacy (sample level: DP-SGD at every hospital)
+    dp: bool = True
+    epsilon: float = 4.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    accountant: str = "prv"
+    grad_sample_mode: str = "auto"
+    budget_epsilon: float = 10.0
+    ledger_dir: str = ""
+    fix_model: bool = False
+    # differential privacy (client level: the server protects whole hospitals)
+    dp_level: str = "sample"
+    client_clip_norm: float = 1.0
+    client_noise_multiplier: float = 1.0
+    client_adaptive_clip: bool = False
+    client_target_quantile: float = 0.5
+    client_clip_lr: float = 0.2
+    client_count_noise: float = 1.0
     # resources
     device: str = "auto"
     gpus_per_hospital: float = 0.0
@@ -98,6 +120,35 @@ class RunConfig:
         _check(self.batch_size >= 1, f"batch-size must be at least 1 (got {self.batch_size})")
         _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")
+        _check(self.epsilon > 0, f"epsilon must be > 0 (got {self.epsilon})")
+        _check(0 < self.delta < 1, f"delta must be in (0, 1) (got {self.delta})")
+        _check(self.max_grad_norm > 0, f"max-grad-norm must be > 0 (got {self.max_grad_norm})")
+        _check(self.noise_multiplier >= 0, "noise-multiplier must be >= 0 (0: calibrate)")
+        _check(
+            self.accountant in ACCOUNTANTS,
+            f"unknown accountant '{self.accountant}': use {' or '.join(ACCOUNTANTS)}",
+        )
+        _check(
+            self.grad_sample_mode in GRAD_SAMPLE_MODES,
+            f"unknown grad-sample-mode '{self.grad_sample_mode}': use "
+            f"{', '.join(GRAD_SAMPLE_MODES)}",
+        )
+        _check(self.budget_epsilon > 0, f"budget-epsilon must be > 0 (got {self.budget_epsilon})")
+        _check(
+            self.dp_level in DP_LEVELS,
+            f"unknown dp-level '{self.dp_level}': use {', '.join(DP_LEVELS)}",
+        )
+        _check(self.client_clip_norm > 0, "client-clip-norm must be > 0")
+        _check(self.client_noise_multiplier >= 0, "client-noise-multiplier must be >= 0")
+        _check(0 < self.client_target_quantile < 1, "client-target-quantile must be in (0, 1)")
+        _check(self.client_clip_lr > 0, "client-clip-lr must be > 0")
+        _check(
+            not self.client_adaptive_clip
+            or self.client_noise_multiplier == 0
+            or 2 * self.client_count_noise > self.client_noise_multiplier,
+            "adaptive clipping needs client-count-noise > client-noise-multiplier / 2 "
+            f"(got {self.client_count_noise:g} and {self.client_noise_multiplier:g})",
+        )
         _check(
             self.device in DEVICES,
             f"unknown device '{self.device}': use one of {', '.join(DEVICES)}",
@@ -122,6 +173,16 @@ class RunConfig:
                 raise ConfigError(f"unknown setting '{key}'{hint}")
             kwargs[name] = _coerce(key, raw, fields[name])
         return cls(**kwargs)
+
+    @property
+    def sample_level_dp(self) -> bool:
+        """DP-SGD at every hospital (the default)."""
+        return self.dp and self.dp_level in ("sample", "both")
+
+    @property
+    def client_level_dp(self) -> bool:
+        """Clipping and noise on whole hospitals' updates at the server."""
+        return self.dp and self.dp_level in ("client", "both")
 
     def to_mapping(self) -> dict[str, Any]:
         """Kebab-case keys, JSON/TOML/Flower-compatible scalar values."""

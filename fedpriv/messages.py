@@ -38,6 +38,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 HOSPITAL = "hospital"
+PRIVACY = "privacy"  # ConfigRecord: the hospital's privacy spend, as JSON under PRIVACY_JSON
+PRIVACY_JSON = "json"
 
 # MetricRecord key the strategies weight by (Flower's own convention)
 NUM_EXAMPLES = "num-examples"

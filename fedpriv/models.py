@@ -42,10 +42,33 @@ def available_models() -> tuple[str, ...]:
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """Instantiate a registered model."""
+    """Instantiate a registered model.
+
+    ``replace_batchnorm=True`` (recorded in ``model-args`` by ``--fix-model``) swaps every
+    BatchNorm layer for a GroupNorm over the same channels, as DP-SGD requires.
+    """
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model '{name}': use one of {', '.join(available_models())}")
-    return _REGISTRY[name](**kwargs)
+    replace = bool(kwargs.pop("replace_batchnorm", False))
+    model = _REGISTRY[name](**kwargs)
+    if replace:
+        replace_batchnorm(model)
+    return model
+
+
+def replace_batchnorm(model: nn.Module) -> list[str]:
+    """Swap BatchNorm layers for GroupNorm in place; returns what was replaced, by name."""
+    replaced: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                channels = child.num_features
+                groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+                setattr(parent, child_name, nn.GroupNorm(groups, channels, affine=child.affine))
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
+                kind = type(child).__name__
+                replaced.append(f"{full} ({kind}({channels}) -> GroupNorm({groups}, {channels}))")
+    return replaced
 
 
 def default_model(

@@ -92,9 +92,11 @@ def train(
     epochs: int,
     device: torch.device,
     proximal_mu: float = 0.0,
+    max_steps: int | None = None,
 ) -> TrainStats:
     """Run ``epochs`` passes over ``loader``; returns the mean training loss per example.
 
+    ``max_steps`` stops after that many optimizer steps (FedSGD under DP takes one).
     With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_start||^2`` is added.
     Empty batches (which Poisson sampling can draw) are skipped without a step of our own;
     a DP optimizer still gets to take its noise-only step through the wrapped loader.
@@ -107,6 +109,8 @@ def train(
     steps = 0
     for _ in range(epochs):
         for inputs, targets in loader:
+            if max_steps is not None and steps >= max_steps:
+                break
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)

@@ -2,32 +2,74 @@
 
 from __future__ import annotations
 
+import json
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpriv import messages as msg
-from fedpriv.client.hospital import HospitalData, evaluate_round, local_data, train_round
+from fedpriv.client.hospital import (
+    HospitalData,
+    evaluate_round,
+    local_data,
+    privacy_state,
+    train_round,
+)
 
 __all__ = ["app"]
 
 app = ClientApp()
 
+# context.state: the run's accountant survives across rounds here (the ledger across runs)
+STATE_DP = "fedpriv-dp"
+STATE_ACCOUNTANT = "accountant"
 
-def _hospital_record(data: HospitalData, status: str = msg.STATUS_OK) -> ConfigRecord:
-    return ConfigRecord(
+
+def _hospital_record(
+    data: HospitalData, status: str = msg.STATUS_OK, reason: str = ""
+) -> ConfigRecord:
+    record = ConfigRecord(
         {msg.HOSPITAL_NAME: data.name, msg.HOSPITAL_INDEX: data.index, msg.STATUS: status}
     )
+    if reason:
+        record[msg.REASON] = reason
+    return record
 
 
 @app.train()
 def handle_train(message: Message, context: Context) -> Message:
     order = msg.parse_order(message.content.config_records[msg.CONFIG])
     data = local_data(order.config, context.node_config)
-    arrays, stats = train_round(order, data, message.content.array_records[msg.ARRAYS])
-    metrics = MetricRecord({"train-loss": stats.loss, msg.NUM_EXAMPLES: data.train_labels.size})
-    content = RecordDict(
-        {msg.ARRAYS: arrays, msg.METRICS: metrics, msg.HOSPITAL: _hospital_record(data)}
+    saved = context.state.config_records.get(STATE_DP)
+    accountant_state = json.loads(str(saved[STATE_ACCOUNTANT])) if saved else None
+    result = train_round(
+        order,
+        data,
+        message.content.array_records[msg.ARRAYS],
+        privacy=privacy_state(order.config, context.node_config, data.name)
+        if order.config.sample_level_dp
+        else None,
+        accountant_state=accountant_state,
     )
+    if result.accountant_state is not None:
+        context.state[STATE_DP] = ConfigRecord(
+            {STATE_ACCOUNTANT: json.dumps(result.accountant_state)}
+        )
+    content = RecordDict()
+    if result.privacy is not None:
+        content[msg.PRIVACY] = ConfigRecord({msg.PRIVACY_JSON: json.dumps(result.privacy)})
+    if result.declined:
+        content[msg.HOSPITAL] = _hospital_record(data, msg.STATUS_DECLINED, result.declined)
+        return Message(content=content, reply_to=message)
+    assert result.arrays is not None and result.stats is not None
+    metrics = MetricRecord(
+        {"train-loss": result.stats.loss, msg.NUM_EXAMPLES: int(data.train_labels.size)}
+    )
+    if result.privacy is not None:
+        metrics["epsilon"] = float(result.privacy["epsilon"])
+    content[msg.ARRAYS] = result.arrays
+    content[msg.METRICS] = metrics
+    content[msg.HOSPITAL] = _hospital_record(data)
     return Message(content=content, reply_to=message)
 
 

@@ -1,11 +1,18 @@
-"""What a hospital does with the server's orders: train or evaluate on its own records only."""
+"""What a hospital does with the server's orders: train or evaluate on its own records only.
+
+Under sample-level DP (the default) a round is: plan the noise for the whole run from this
+hospital's size; check the ledger and record the round's DP event *before* training (or
+decline if it would pass the cap); train with Opacus DP-SGD, continuing the run's accountant.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +24,14 @@ from fedpriv.config import RunConfig
 from fedpriv.data import split_for
 from fedpriv.errors import ConfigError
 from fedpriv.models import build
+from fedpriv.privacy.dp import (
+    DpPlan,
+    make_private,
+    plan_dp,
+    reseed_from_os,
+    resolve_grad_sample_mode,
+)
+from fedpriv.privacy.ledger import BudgetExceeded, Ledger
 from fedpriv.training import (
     EvalStats,
     TrainStats,
@@ -28,12 +43,25 @@ from fedpriv.training import (
     train,
 )
 
-__all__ = ["HospitalData", "evaluate_round", "local_data", "train_round"]
+__all__ = [
+    "HospitalData",
+    "PrivacyState",
+    "RoundResult",
+    "evaluate_round",
+    "local_data",
+    "plan_for",
+    "train_round",
+]
 
 logger = logging.getLogger(__name__)
 
-# node_config keys Flower's simulation engine sets for each virtual SuperNode
+# node_config keys: Flower's simulation engine sets partition-id for each virtual SuperNode;
+# a real site sets the others in its node config (deploy/site.example.toml)
 PARTITION_ID = "partition-id"
+LEDGER_PATH = "ledger-path"
+BUDGET_EPSILON = "budget-epsilon"
+
+LEDGERS_DIR = "ledgers"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,6 +72,40 @@ class HospitalData:
     train_labels: np.ndarray
     held_out_features: np.ndarray
     held_out_labels: np.ndarray
+
+    @functools.cached_property
+    def dataset_id(self) -> str:
+        """Identity of the records this hospital holds: a hash of all of them.
+
+        The ledger composes every run whose records hash the same, whatever the run's
+        settings, so re-splitting the same records never restarts the budget.
+        """
+        features = np.concatenate([self.train_features, self.held_out_features])
+        labels = np.concatenate([self.train_labels, self.held_out_labels])
+        rows = np.ascontiguousarray(features.reshape(features.shape[0], -1))
+        records = sorted(
+            hashlib.sha256(row.tobytes() + int(label).to_bytes(8, "little")).digest()
+            for row, label in zip(rows, labels, strict=True)
+        )
+        digest = hashlib.sha256(b"".join(records))
+        return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyState:
+    """Where this hospital keeps its privacy state, and its cap."""
+
+    ledger_path: Path
+    budget_epsilon: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    arrays: ArrayRecord | None
+    stats: TrainStats | None
+    declined: str = ""
+    privacy: dict[str, Any] | None = None
+    accountant_state: dict[str, Any] | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -75,6 +137,26 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
     )
 
 
+def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: str) -> PrivacyState:
+    """The ledger and cap: a real site's own node config wins over the run's settings."""
+    if LEDGER_PATH in node_config:
+        path = Path(str(node_config[LEDGER_PATH])).expanduser()
+    else:
+        base = (
+            Path(config.ledger_dir)
+            if config.ledger_dir
+            else (Path(config.out) / config.run_name / LEDGERS_DIR)
+        )
+        path = base / f"{hospital}.sqlite"
+    if BUDGET_EPSILON in node_config:
+        budget = float(node_config[BUDGET_EPSILON])
+    elif PARTITION_ID in node_config:  # a simulated hospital takes the run's setting
+        budget = config.budget_epsilon
+    else:
+        budget = RunConfig().budget_epsilon
+    return PrivacyState(ledger_path=path, budget_epsilon=budget)
+
+
 def _model(order: msg.TrainingOrder, arrays: ArrayRecord) -> torch.nn.Module:
     model = build(order.model_name, **order.model_args)
     set_weights(model, {k: v.numpy() for k, v in arrays.items()})
@@ -85,51 +167,178 @@ def _seed(order: msg.TrainingOrder, data: HospitalData) -> int:
     return (order.config.seed * 1_000_003 + order.server_round * 1_009 + data.index) % 2**31
 
 
+def plan_for(order: msg.TrainingOrder, data: HospitalData) -> DpPlan:
+    config = order.config
+    return plan_dp(
+        num_records=int(data.train_labels.size),
+        batch_size=config.batch_size,
+        local_epochs=config.local_epochs,
+        rounds=config.rounds,
+        one_step_per_round=order.mode == msg.MODE_GRADIENT,
+        target_epsilon=config.epsilon,
+        delta=config.delta,
+        accountant=config.accountant,
+        max_grad_norm=config.max_grad_norm,
+        noise_multiplier=config.noise_multiplier,
+    )
+
+
 def train_round(
-    order: msg.TrainingOrder, data: HospitalData, arrays: ArrayRecord
-) -> tuple[ArrayRecord, TrainStats]:
+    order: msg.TrainingOrder,
+    data: HospitalData,
+    arrays: ArrayRecord,
+    *,
+    privacy: PrivacyState | None = None,
+    accountant_state: dict[str, Any] | None = None,
+) -> RoundResult:
     """One round of local training; returns new weights, or the gradient under FedSGD."""
     config = order.config
     device = resolve_device(config.device)
-    seed = _seed(order, data)
-    torch.manual_seed(seed)
     model = _model(order, arrays)
+    before = get_weights(model)
     criterion = torch.nn.CrossEntropyLoss()
-    if order.mode == msg.MODE_GRADIENT:
-        # One full-batch step at learning rate 1: w_before - w_after is the gradient.
-        before = get_weights(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    gradient_mode = order.mode == msg.MODE_GRADIENT
+    lr = 1.0 if gradient_mode else config.lr
+    momentum = 0.0 if gradient_mode else config.momentum
+    proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if not config.sample_level_dp:
+        torch.manual_seed(_seed(order, data))
+        batch = max(1, data.train_labels.size) if gradient_mode else config.batch_size
         loader = make_loader(
             data.train_features,
             data.train_labels,
-            batch_size=max(1, data.train_labels.shape[0]),
-            shuffle=False,
-        )
-        stats = train(
-            model, loader, optimizer=optimizer, criterion=criterion, epochs=1, device=device
-        )
-        after = get_weights(model)
-        result = {k: before[k] - after[k] for k in before}
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-        loader = make_loader(
-            data.train_features,
-            data.train_labels,
-            batch_size=config.batch_size,
-            shuffle=True,
-            seed=seed,
+            batch_size=batch,
+            shuffle=not gradient_mode,
+            seed=_seed(order, data),
         )
         stats = train(
             model,
             loader,
             optimizer=optimizer,
             criterion=criterion,
-            epochs=config.local_epochs,
+            epochs=1 if gradient_mode else config.local_epochs,
             device=device,
-            proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
+            proximal_mu=proximal_mu,
         )
-        result = get_weights(model)
-    return ArrayRecord({k: Array(v) for k, v in result.items()}), stats
+        return RoundResult(arrays=_reply_arrays(model, before, gradient_mode), stats=stats)
+
+    if privacy is None:
+        raise ConfigError("sample-level DP needs a privacy ledger")
+    plan = plan_for(order, data)
+    ledger = Ledger.open(privacy.ledger_path)
+    try:
+        reservation = ledger.reserve(
+            dataset_id=data.dataset_id,
+            dataset_name=Path(config.dataset).name,
+            hospital=data.name,
+            run_id=config.run_name,
+            round_=order.server_round,
+            event=plan.round_event(),
+            accountant=plan.accountant,
+            delta=plan.delta,
+            budget_epsilon=privacy.budget_epsilon,
+        )
+    except BudgetExceeded as exceeded:
+        return RoundResult(
+            arrays=None,
+            stats=None,
+            declined=f"{data.name} declines the round: {exceeded}",
+            privacy=_privacy_report(ledger, data, plan, privacy, exceeded.spent, "declined"),
+            accountant_state=accountant_state,
+        )
+    # Sampling and noise must not follow --seed (the server knows it).
+    reseed_from_os()
+    mode = resolve_grad_sample_mode(model, config.grad_sample_mode, proximal=proximal_mu > 0)
+    loader = make_loader(
+        data.train_features, data.train_labels, batch_size=config.batch_size, shuffle=False
+    )
+    private = make_private(
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        criterion=criterion,
+        plan=plan,
+        grad_sample_mode=mode,
+        accountant_state=accountant_state,
+    )
+    steps_before = private.steps_taken()
+    try:
+        stats = train(
+            private.model,
+            private.loader,
+            optimizer=private.optimizer,
+            criterion=private.criterion,
+            epochs=1 if gradient_mode else config.local_epochs,
+            device=device,
+            proximal_mu=proximal_mu,
+            max_steps=plan.steps_per_round,
+        )
+    finally:
+        private.close()
+    taken = private.steps_taken() - steps_before
+    if taken != plan.steps_per_round:
+        # The ledger holds what was planned; the accountant what happened. They must agree.
+        raise RuntimeError(
+            f"{data.name} took {taken} DP-SGD steps but recorded {plan.steps_per_round}"
+        )
+    return RoundResult(
+        arrays=_reply_arrays(model, before, gradient_mode),
+        stats=stats,
+        privacy=_privacy_report(
+            ledger, data, plan, privacy, reservation.spent_after, "trained", mode=mode
+        ),
+        accountant_state=private.accountant_state(),
+    )
+
+
+def _reply_arrays(
+    model: torch.nn.Module, before: dict[str, np.ndarray], gradient_mode: bool
+) -> ArrayRecord:
+    after = get_weights(model)
+    if gradient_mode:  # one step at learning rate 1: w_before - w_after is the gradient
+        return ArrayRecord({k: Array(before[k] - after[k]) for k in before})
+    return ArrayRecord({k: Array(v) for k, v in after.items()})
+
+
+def _privacy_report(
+    ledger: Ledger,
+    data: HospitalData,
+    plan: DpPlan,
+    privacy: PrivacyState,
+    epsilon: float,
+    status: str,
+    *,
+    mode: str = "",
+) -> dict[str, Any]:
+    """This hospital's spend, with every event so anyone can recompute the epsilon."""
+    events = ledger.events(data.dataset_id)
+    return {
+        "hospital": data.name,
+        "status": status,
+        "dataset_id": data.dataset_id,
+        "epsilon": epsilon,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "budget_epsilon": privacy.budget_epsilon,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "max_grad_norm": plan.max_grad_norm,
+        "steps_per_round": plan.steps_per_round,
+        "planned_epsilon": plan.planned_epsilon,
+        "target_epsilon": plan.target_epsilon,
+        "grad_sample_mode": mode,
+        "events": [
+            {
+                "noise_multiplier": e.noise_multiplier,
+                "sample_rate": e.sample_rate,
+                "steps": e.steps,
+                "run_id": e.run_id,
+                "round": e.round,
+            }
+            for e in events
+        ],
+    }
 
 
 def evaluate_round(order: msg.TrainingOrder, data: HospitalData, arrays: ArrayRecord) -> EvalStats:

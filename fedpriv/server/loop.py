@@ -8,6 +8,7 @@ all three and nothing else. Every strategy (ours and Flower's stock ones) runs t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +38,7 @@ class RoundOutcome:
     declined: dict[str, str]
     failed: dict[str, str]
     seconds: float
+    privacy: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 class FederationStopped(Exception):
@@ -75,6 +77,24 @@ def _split_replies(
     return ok, declined, failed
 
 
+def _privacy_reports(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
+    """Each hospital's reported privacy spend (JSON in its PRIVACY record), by name."""
+    reports: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        record = reply.content.config_records.get(msg.PRIVACY)
+        if record is None:
+            continue
+        try:
+            reports[hospital_name(reply.content)] = json.loads(str(record[msg.PRIVACY_JSON]))
+        except (KeyError, ValueError):
+            logger.warning(
+                "ignoring a malformed privacy report from %s", hospital_name(reply.content)
+            )
+    return reports
+
+
 def _per_hospital(replies: Iterable[Message], examples_key: str) -> dict[str, dict[str, Any]]:
     """Each hospital's own metrics, snake_case, its example count under ``examples_key``."""
     table: dict[str, dict[str, Any]] = {}
@@ -100,11 +120,13 @@ def run_rounds(
     min_hospitals: int,
     timeout: float,
     on_round: Callable[[RoundOutcome], None],
+    on_stop: Callable[[dict[str, dict[str, Any]]], None] = lambda privacy: None,
 ) -> ArrayRecord:
     """Rounds ``first_round..last_round``; returns the final global arrays.
 
     A round whose training replies come from fewer than ``min_hospitals`` hospitals ends
-    the run: the last good global model is kept and returned.
+    the run (``on_stop`` gets that round's privacy reports, e.g. of hospitals that declined):
+    the last good global model is kept.
     """
     for server_round in range(first_round, last_round + 1):
         started = time.perf_counter()
@@ -114,11 +136,13 @@ def run_rounds(
         )
         replies = list(grid.send_and_receive(train_messages, timeout=timeout))
         ok, declined, failed = _split_replies(replies)
+        privacy = _privacy_reports(replies)
         for who, reason in declined.items():
             logger.warning("round %d: %s declined: %s", server_round, who, reason)
         for who, reason in failed.items():
             logger.warning("round %d: %s failed: %s", server_round, who, reason)
         if len(ok) < min_hospitals:
+            on_stop(privacy)
             detail = "; ".join(f"{k}: {v}" for k, v in {**failed, **declined}.items())
             raise FederationStopped(
                 f"round {server_round}: only {len(ok)} hospital(s) trained, fewer than "
@@ -150,6 +174,7 @@ def run_rounds(
                 declined=declined,
                 failed={**failed, **{f"{k} (evaluate)": v for k, v in eval_failed.items()}},
                 seconds=time.perf_counter() - started,
+                privacy=privacy,
             )
         )
     return arrays

@@ -19,10 +19,12 @@ from fedpriv import messages as msg
 from fedpriv.config import RunConfig
 from fedpriv.data import Dataset, FederatedSplit, split_for
 from fedpriv.errors import ConfigError
-from fedpriv.models import build, default_model
+from fedpriv.models import build, default_model, replace_batchnorm
+from fedpriv.privacy.dp import DpEvent, batchnorm_layers, compose_epsilon
 from fedpriv.server.loop import FederationStopped, RoundOutcome, run_rounds, wait_for_hospitals
 from fedpriv.server.rundir import FLOWER_LOG, Checkpoint, RunDirectory, new_run_name
-from fedpriv.strategies import PlainAggregator, create_strategy
+from fedpriv.strategies import Aggregator, PlainAggregator, create_strategy
+from fedpriv.strategies.client_dp import ClientLevelDpAggregator
 from fedpriv.training import evaluate, make_loader, resolve_device, set_weights
 
 __all__ = [
@@ -56,6 +58,7 @@ class RunPlan:
     run_dir: RunDirectory
     central: CentralEvaluator | None
     resume: Checkpoint | None = None
+    notices: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -77,13 +80,66 @@ def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, A
 
 
 def _check_run(config: RunConfig) -> None:
-    from fedpriv.strategies import available_strategies
+    from fedpriv.strategies import available_strategies, is_stock
 
     if config.strategy not in available_strategies():
         raise ConfigError(
             f"unknown strategy '{config.strategy}': use one of {', '.join(available_strategies())}"
         )
     resolve_device(config.device)
+    if config.client_level_dp and is_stock(config.strategy):
+        raise ConfigError(
+            f"--dp-level {config.dp_level} clips hospitals' updates inside fedpriv's own "
+            f"aggregation; Flower's '{config.strategy}' does its own: use fedavg or fedsgd"
+        )
+    if config.sample_level_dp and config.epsilon > config.budget_epsilon:
+        raise ConfigError(
+            f"--epsilon {config.epsilon:g} is more than the hospitals' budget cap "
+            f"--budget-epsilon {config.budget_epsilon:g}: the run could not finish"
+        )
+
+
+def _check_model(
+    config: RunConfig, model_name: str, model_args: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """DP-SGD cannot use BatchNorm: refuse it by name, or replace it with --fix-model."""
+    notices: list[str] = []
+    if not config.sample_level_dp:
+        return model_args, notices
+    layers = batchnorm_layers(build(model_name, **model_args))
+    if not layers:
+        return model_args, notices
+    if not config.fix_model:
+        name, kind = layers[0]
+        raise ConfigError(
+            f"model '{model_name}' has a {kind} layer '{name}', which DP-SGD cannot use "
+            "(it mixes records within a batch): use GroupNorm, or pass --fix-model to replace it"
+        )
+    fixed = {**model_args, "replace_batchnorm": True}
+    replaced = replace_batchnorm(build(model_name, **model_args))
+    notices.append("--fix-model replaced " + "; ".join(replaced))
+    return fixed, notices
+
+
+def _check_dp(config: RunConfig, split: FederatedSplit) -> list[str]:
+    """Calibrate every hospital's noise now, so a bad delta fails before anything starts."""
+    notices: list[str] = []
+    if not config.dp:
+        notices.append(
+            "DP is OFF (--no-dp): the hospitals' records are unprotected and the model can "
+            "leak them"
+        )
+        return notices
+    if not config.sample_level_dp:
+        return notices
+    # Each hospital calibrates its own noise; here only what can fail is checked.
+    smallest = min(split.hospitals, key=lambda h: h.train.size)
+    if config.delta >= 1.0 / smallest.train.size:
+        raise ConfigError(
+            f"delta {config.delta:g} must be below 1/n = {1.0 / smallest.train.size:.3g} for "
+            f"{smallest.name} with {smallest.train.size} training records: lower --delta"
+        )
+    return notices
 
 
 def prepare_run(
@@ -113,14 +169,21 @@ def prepare_run(
         else:
             run_dir.keep_metrics_through(0)
         run_dir.write_config(config, model_name=model_name, model_args=model_args)
+        notices = _check_dp(config, split)
     else:
         _check_run(config)
         dataset, split = split_for(config)
         model_name, model_args = resolve_model(config, dataset)
-        build(model_name, **model_args)  # fail now, not in every hospital
+        model_args, notices = _check_model(config, model_name, model_args)
+        notices += _check_dp(config, split)
         name = config.run_name or new_run_name()
         run_dir = RunDirectory.create(Path(config.out) / name)
-        config = config.replace(run_name=name)
+        # absolute paths: hospitals' processes may run in another directory
+        config = config.replace(
+            run_name=name,
+            out=str(Path(config.out).resolve()),
+            ledger_dir=str(Path(config.ledger_dir).resolve()) if config.ledger_dir else "",
+        )
         run_dir.write_config(config, model_name=model_name, model_args=model_args)
         run_dir.write_partitions(split)
         checkpoint = None
@@ -134,6 +197,7 @@ def prepare_run(
         run_dir=run_dir,
         central=evaluator,
         resume=checkpoint,
+        notices=tuple(notices),
     )
 
 
@@ -211,8 +275,12 @@ def serve(
         # (its documented constructor argument); at ~0.1 s of training per round that
         # polling alone would double the round time.
         grid.pull_interval = GRID_PULL_INTERVAL
-    strategy = create_strategy(config.strategy, config=config, aggregator=PlainAggregator())
+    aggregator = make_aggregator(config)
+    strategy = create_strategy(config.strategy, config=config, aggregator=aggregator)
     strategy.summary()
+    ledger_view = PrivacyView(plan.run_dir, config, aggregator)
+    if plan.resume is not None:
+        ledger_view.load()
     if plan.resume is not None:
         weights = plan.resume.weights
         first_round = plan.resume.round + 1
@@ -237,7 +305,11 @@ def serve(
         started = time.perf_counter()
         round_weights = _to_weights(result.arrays)
         central = plan.central(round_weights) if plan.central else {}
+        ledger_view.update(result.privacy, rounds_done=result.round)
         row = _row(result, central, result.seconds + time.perf_counter() - started)
+        row["epsilon"] = ledger_view.epsilons()
+        if config.client_level_dp:
+            row["client_epsilon"] = ledger_view.client_level()["epsilon"]
         plan.run_dir.append_metrics(row)
         plan.run_dir.save_checkpoint(result.round, round_weights, {"strategy": config.strategy})
         outcome.last_round = result.round
@@ -259,6 +331,7 @@ def serve(
                 min_hospitals=min(config.min_hospitals, config.hospitals),
                 timeout=config.round_timeout,
                 on_round=finish_round,
+                on_stop=lambda reports: ledger_view.update(reports, rounds_done=None),
             )
         except FederationStopped as stop:
             outcome.stopped = str(stop)
@@ -270,6 +343,92 @@ def serve(
                 )
     plan.run_dir.save_model(_to_weights(final))
     return outcome
+
+
+def make_aggregator(config: RunConfig) -> Aggregator:
+    if config.client_level_dp:
+        return ClientLevelDpAggregator(
+            clip_norm=config.client_clip_norm,
+            noise_multiplier=config.client_noise_multiplier,
+            adaptive=config.client_adaptive_clip,
+            target_quantile=config.client_target_quantile,
+            clip_lr=config.client_clip_lr,
+            count_noise_std=config.client_count_noise,
+        )
+    return PlainAggregator()
+
+
+class PrivacyView:
+    """What the server knows of privacy: each hospital's latest report, and its own
+    client-level accountant. Written to ``privacy.json`` after every round."""
+
+    def __init__(self, run_dir: RunDirectory, config: RunConfig, aggregator: Aggregator) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.aggregator = aggregator
+        self.hospitals: dict[str, dict[str, Any]] = {}
+        self.client_rounds = 0
+
+    def load(self) -> None:
+        """On resume: start from what the run recorded so far."""
+        saved = self.run_dir.read_privacy()
+        self.hospitals = dict(saved.get("hospitals", {}))
+        self.client_rounds = int(saved.get("client_level", {}).get("rounds", 0))
+
+    def update(self, reports: dict[str, dict[str, Any]], *, rounds_done: int | None) -> None:
+        self.hospitals.update(reports)
+        if rounds_done is not None and self.config.client_level_dp:
+            self.client_rounds += 1
+        self.run_dir.write_privacy(self.document())
+
+    def epsilons(self) -> dict[str, float]:
+        return {name: float(r["epsilon"]) for name, r in sorted(self.hospitals.items())}
+
+    def client_level(self) -> dict[str, Any]:
+        config = self.config
+        sample_rate = min(
+            1.0, max(1, round(config.hospitals * config.fraction_train)) / config.hospitals
+        )
+        event = DpEvent(config.client_noise_multiplier, sample_rate, self.client_rounds)
+        epsilon = (
+            compose_epsilon([event], delta=config.delta, accountant=config.accountant)
+            if config.client_noise_multiplier > 0
+            else float("inf")
+        )
+        return {
+            "epsilon": epsilon,
+            "delta": config.delta,
+            "accountant": config.accountant,
+            "noise_multiplier": config.client_noise_multiplier,
+            "clip_norm": getattr(self.aggregator, "clip_norm", config.client_clip_norm),
+            "adaptive_clip": config.client_adaptive_clip,
+            "sample_rate": sample_rate,
+            "rounds": self.client_rounds,
+            "events": [
+                {
+                    "noise_multiplier": event.noise_multiplier,
+                    "sample_rate": sample_rate,
+                    "steps": self.client_rounds,
+                }
+            ],
+            "unit": "one hospital (all its records)",
+        }
+
+    def document(self) -> dict[str, Any]:
+        config = self.config
+        doc: dict[str, Any] = {
+            "dp": config.dp,
+            "dp_level": config.dp_level if config.dp else "none",
+            "unit": "one record of one hospital",
+            "hospitals": dict(sorted(self.hospitals.items())),
+        }
+        if self.hospitals:
+            # disjoint hospitals: the federation's record-level guarantee is the maximum
+            doc["max_epsilon"] = max(float(r["epsilon"]) for r in self.hospitals.values())
+            doc["delta"] = config.delta
+        if config.client_level_dp:
+            doc["client_level"] = self.client_level()
+        return doc
 
 
 def build_server_app(
@@ -296,11 +455,13 @@ def flower_logging(run_dir: RunDirectory, *, quiet: bool) -> Iterator[Path]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     flwr_logger = logging.getLogger("flwr")
     ours = logging.getLogger("fedpriv")
-    saved = (list(flwr_logger.handlers), ours.propagate, ours.level)
+    saved = (list(flwr_logger.handlers), ours.propagate, ours.level, flwr_logger.propagate)
     if quiet:
         for existing in list(flwr_logger.handlers):
             flwr_logger.removeHandler(existing)
+        # Opacus configures the root logger on import; nothing may reach the terminal
         ours.propagate = False
+        flwr_logger.propagate = False
     flwr_logger.addHandler(handler)
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
@@ -314,4 +475,4 @@ def flower_logging(run_dir: RunDirectory, *, quiet: bool) -> Iterator[Path]:
             for existing in saved[0]:
                 if existing not in flwr_logger.handlers:
                     flwr_logger.addHandler(existing)
-        ours.propagate, ours.level = saved[1], saved[2]
+        ours.propagate, ours.level, flwr_logger.propagate = saved[1], saved[2], saved[3]

@@ -31,6 +31,7 @@ METRICS = "metrics.jsonl"
 PARTITIONS = "partitions.json"
 MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
+PRIVACY = "privacy.json"
 FLOWER_LOG = "flower.log"
 
 _META_KEYS = ("model-args", "fedpriv-version", "created")
@@ -104,6 +105,16 @@ class RunDirectory:
         except ConfigError as exc:
             raise RunDirectoryError(f"{self.file(CONFIG)}: {exc}") from None
         return config, model_name, model_args
+
+    def write_privacy(self, document: Mapping[str, Any]) -> None:
+        _atomic_write_text(
+            self.file(PRIVACY), json.dumps(document, indent=2, sort_keys=True) + "\n"
+        )
+
+    def read_privacy(self) -> dict[str, Any]:
+        if not self.file(PRIVACY).is_file():
+            return {}
+        return self._read_json(PRIVACY)
 
     def write_partitions(self, split: FederatedSplit) -> None:
         _atomic_write_text(self.file(PARTITIONS), split.dumps() + "\n")

@@ -40,8 +40,14 @@ class Contribution:
 
 class Aggregator(ABC):
     @abstractmethod
-    def aggregate(self, contributions: Sequence[Contribution]) -> ArrayRecord | None:
-        """Combine contributions; ``None`` when none was usable."""
+    def aggregate(
+        self, contributions: Sequence[Contribution], *, reference: ArrayRecord | None = None
+    ) -> ArrayRecord | None:
+        """Combine contributions; ``None`` when none was usable.
+
+        ``reference`` is what the contributions were computed from (the global model under
+        FedAvg; ``None`` when they are gradients): aggregators that work on updates use it.
+        """
 
 
 _REGISTRY: dict[str, Callable[..., Aggregator]] = {}
@@ -77,13 +83,15 @@ class PlainAggregator(Aggregator):
     line, so one malformed reply cannot corrupt the aggregate.
     """
 
-    def aggregate(self, contributions: Sequence[Contribution]) -> ArrayRecord | None:
+    def aggregate(
+        self, contributions: Sequence[Contribution], *, reference: ArrayRecord | None = None
+    ) -> ArrayRecord | None:
         usable = [c for c in contributions if c.num_examples > 0]
         if not usable:
             return None
-        reference = {k: v.numpy() for k, v in usable[0].arrays.items()}
-        shapes = {k: v.shape for k, v in reference.items()}
-        sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in reference.items()}
+        first = {k: v.numpy() for k, v in usable[0].arrays.items()}
+        shapes = {k: v.shape for k, v in first.items()}
+        sums = {k: np.zeros(v.shape, dtype=np.float64) for k, v in first.items()}
         total = 0
         for contribution in usable:
             arrays = {k: v.numpy() for k, v in contribution.arrays.items()}
@@ -105,5 +113,5 @@ class PlainAggregator(Aggregator):
         if total == 0:
             return None
         return ArrayRecord(
-            {k: Array(np.asarray(sums[k] / total, dtype=reference[k].dtype)) for k in reference}
+            {k: Array(np.asarray(sums[k] / total, dtype=first[k].dtype)) for k in first}
         )

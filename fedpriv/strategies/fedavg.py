@@ -43,6 +43,7 @@ class FedAvg(Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.seed = seed
+        self._current: ArrayRecord | None = None
 
     def summary(self) -> None:
         logger.info(
@@ -62,6 +63,7 @@ class FedAvg(Strategy):
         size = max(round(len(nodes) * self.fraction_train), self.min_train_nodes)
         size = min(size, len(nodes))
         sampled = random.Random(self.seed * 100_003 + server_round).sample(nodes, size)
+        self._current = arrays
         config[msg.SERVER_ROUND] = server_round
         return self._messages(arrays, config, sorted(sampled), MessageType.TRAIN)
 
@@ -78,8 +80,16 @@ class FedAvg(Strategy):
             for c in contents
             if msg.ARRAYS in c.array_records and msg.METRICS in c.metric_records
         ]
-        arrays = self.aggregator.aggregate(contributions) if contributions else None
+        arrays = (
+            self.aggregator.aggregate(contributions, reference=self._reference())
+            if contributions
+            else None
+        )
         return arrays, weighted_metrics(contents)
+
+    def _reference(self) -> ArrayRecord | None:
+        """What the hospitals' replies are relative to: the global model they started from."""
+        return self._current
 
     # ---- evaluation ------------------------------------------------------------------
 

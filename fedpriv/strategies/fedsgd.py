@@ -26,14 +26,15 @@ class FedSGD(FedAvg):
     def __init__(self, *, aggregator: Aggregator, server_lr: float = 1.0, **kwargs: object) -> None:
         super().__init__(aggregator=aggregator, **kwargs)  # type: ignore[arg-type]
         self.server_lr = server_lr
-        self._current: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._current = arrays
         config[msg.MODE] = msg.MODE_GRADIENT
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _reference(self) -> ArrayRecord | None:
+        return None  # gradients are updates already
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

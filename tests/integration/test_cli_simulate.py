@@ -35,6 +35,7 @@ def test_cli_runs_a_federation_and_prints_a_summary(tmp_path: Path) -> None:
         "fedsgd",
         "--server-lr",
         "0.5",
+        "--no-dp",
         "--out",
         str(tmp_path),
         "--name",
@@ -54,6 +55,9 @@ def test_cli_runs_a_federation_and_prints_a_summary(tmp_path: Path) -> None:
     # Flower's own log went to the run directory, not to the terminal
     assert "ROUND" in (run_dir / "flower.log").read_text()
     assert "flwr" not in result.stderr.lower()
+    # switching DP off is explicit, and loud
+    assert "DP is OFF" in result.stderr and "unprotected" in result.stderr
+    assert saved["dp"] is False
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> fedpriv.server.simulation.S
         alpha=0.5,
         out=str(out),
         run_name="api",
+        dp=False,
         lr=0.1,
     )
     result = fedpriv.simulate(config, on_round=lambda row: seen.append(row["round"]))

@@ -101,3 +101,69 @@ def test_gpu_share_without_cuda(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     _bad(["simulate", "--gpus-per-hospital", "0.5", "--out", str(tmp_path)], "no usable CUDA GPU")
+
+
+# ---- fedpriv budget ---------------------------------------------------------------------------
+
+
+def _ledger_with_spend(path: Path) -> float:
+    from fedpriv.privacy.dp import DpEvent
+    from fedpriv.privacy.ledger import Ledger
+
+    ledger = Ledger.open(path)
+    for round_ in (1, 2):
+        reservation = ledger.reserve(
+            dataset_id="abc",
+            dataset_name="digits",
+            hospital="hospital-0",
+            run_id="r1",
+            round_=round_,
+            event=DpEvent(1.0, 0.1, 10),
+            accountant="rdp",
+            delta=1e-5,
+            budget_epsilon=8.0,
+        )
+    return reservation.spent_after
+
+
+def test_budget_table_and_json(tmp_path: Path) -> None:
+    import json
+
+    spent = _ledger_with_spend(tmp_path / "hospital-0.sqlite")
+    table = runner.invoke(app, ["budget", "--ledger-dir", str(tmp_path)])
+    assert table.exit_code == 0, table.output
+    assert "hospital-0" in table.output and f"{spent:.3f}" in table.output
+    machine = runner.invoke(
+        app, ["budget", "--ledger", str(tmp_path / "hospital-0.sqlite"), "--json"]
+    )
+    (row,) = json.loads(machine.output)
+    assert row["epsilon"] == pytest.approx(spent) and row["rounds"] == 2 and row["runs"] == 1
+    assert row["budget_epsilon"] == 8.0 and row["remaining"] == pytest.approx(8.0 - spent)
+
+
+def test_budget_on_a_corrupted_ledger_is_one_line_and_keeps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "hospital-0.sqlite"
+    path.write_bytes(b"\x00garbage" * 100)
+    _bad(["budget", "--ledger", str(path)], "left untouched")
+    assert path.read_bytes() == b"\x00garbage" * 100
+
+
+def test_budget_needs_a_ledger(tmp_path: Path) -> None:
+    _bad(["budget"], "give --ledger PATH or --ledger-dir DIR")
+    _bad(["budget", "--ledger", str(tmp_path / "none.sqlite")], "no privacy ledger")
+    _bad(["budget", "--ledger-dir", str(tmp_path)], "no ledgers")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--epsilon", "0"], "epsilon must be > 0"),
+        (["--delta", "0.5"], "delta 0.5 must be below 1/n"),
+        (["--accountant", "gdp"], "unknown accountant 'gdp'"),
+        (["--epsilon", "20"], "more than the hospitals' budget cap"),
+        (["--dp-level", "client", "--strategy", "fedprox"], "use fedavg or fedsgd"),
+        (["--grad-sample-mode", "fast"], "unknown grad-sample-mode 'fast'"),
+    ],
+)
+def test_bad_dp_settings(tmp_path: Path, args: list[str], expected: str) -> None:
+    _bad(["simulate", *args, "--out", str(tmp_path)], expected)

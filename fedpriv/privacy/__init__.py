@@ -1,0 +1,1 @@
+"""Privacy: DP-SGD (Opacus), the privacy ledger, CKKS encryption (TenSEAL), audits."""
