@@ -286,7 +286,14 @@ def train_round(
         arrays=_reply_arrays(model, before, gradient_mode),
         stats=stats,
         privacy=_privacy_report(
-            ledger, data, plan, privacy, reservation.spent_after, "trained", mode=mode
+            ledger,
+            data,
+            plan,
+            privacy,
+            reservation.spent_after,
+            "trained",
+            mode=mode,
+            run_steps=private.steps_taken(),
         ),
         accountant_state=private.accountant_state(),
     )
@@ -310,8 +317,13 @@ def _privacy_report(
     status: str,
     *,
     mode: str = "",
+    run_steps: int | None = None,
 ) -> dict[str, Any]:
-    """This hospital's spend, with every event so anyone can recompute the epsilon."""
+    """This hospital's spend, with every event so anyone can recompute the epsilon.
+
+    ``run_steps`` is what this run's accountant (carried in Flower's context.state) has
+    seen: it must equal the steps the ledger holds for the run.
+    """
     events = ledger.events(data.dataset_id)
     return {
         "hospital": data.name,
@@ -328,6 +340,7 @@ def _privacy_report(
         "planned_epsilon": plan.planned_epsilon,
         "target_epsilon": plan.target_epsilon,
         "grad_sample_mode": mode,
+        "run_accountant_steps": run_steps,
         "events": [
             {
                 "noise_multiplier": e.noise_multiplier,

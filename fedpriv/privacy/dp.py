@@ -198,28 +198,40 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def resolve_grad_sample_mode(model: nn.Module, requested: str, *, proximal: bool) -> str:
-    """``auto``: ghost clipping where Opacus supports every layer and the loss is plain."""
+    """``auto``: ghost clipping when every trainable layer is Linear or Embedding.
+
+    Those are the layers Opacus computes true ghost norms for; for others (convolutions,
+    GroupNorm) ghost mode falls back to per-sample gradients *and* runs two backward passes,
+    so it is slower than hooks (benchmarks/dp_overhead.py: CNN 1.4-1.9x vs 1.3x per step).
+    Ghost also needs a plain loss, so FedProx's proximal term forces hooks.
+    """
     if requested not in GRAD_SAMPLE_MODES:
         raise ConfigError(f"unknown grad-sample-mode '{requested}': use auto, hooks or ghost")
     if requested == "hooks":
         return "hooks"
-    ghost_ok = not proximal and _all_layers_supported(model)
-    if requested == "ghost" and not ghost_ok:
-        raise ConfigError(
-            "grad-sample-mode ghost needs a plain loss (no FedProx term) and layers Opacus "
-            "supports: use --grad-sample-mode hooks"
-        )
-    return "ghost" if ghost_ok else "hooks"
+    if requested == "ghost":
+        if proximal or not _all_layers_supported(model):
+            raise ConfigError(
+                "grad-sample-mode ghost needs a plain loss (no FedProx term) and layers Opacus "
+                "supports: use --grad-sample-mode hooks"
+            )
+        return "ghost"
+    return "ghost" if not proximal and _only_ghost_norm_layers(model) else "hooks"
+
+
+def _trainable_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def _only_ghost_norm_layers(model: nn.Module) -> bool:
+    layers = _trainable_layers(model)
+    return bool(layers) and all(isinstance(m, nn.Linear | nn.Embedding) for m in layers)
 
 
 def _all_layers_supported(model: nn.Module) -> bool:
     from opacus.grad_sample.grad_sample_module import GradSampleModule
 
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and type(module) not in GradSampleModule.GRAD_SAMPLERS:
-            return False
-    return True
+    return all(type(m) in GradSampleModule.GRAD_SAMPLERS for m in _trainable_layers(model))
 
 
 def reseed_from_os() -> None:

@@ -70,6 +70,8 @@ def test_dp_run_accounts_every_round_and_learns(tmp_path: Path) -> None:
         ):
             assert key in report, key
         assert len(report["events"]) == 10
+        # the run's accountant survived across rounds (context.state): it saw every step
+        assert report["run_accountant_steps"] == sum(e["steps"] for e in report["events"])
         assert report["epsilon"] <= 4.0
         assert report["epsilon"] == pytest.approx(rows[-1]["epsilon"][name])
         # anyone can recompute the figure from the listed events

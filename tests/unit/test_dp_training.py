@@ -155,6 +155,20 @@ def test_a_round_records_its_event_first_and_carries_the_accountant(tmp_path: Pa
     )
 
 
+def test_fedsgd_under_dp_takes_one_noisy_step_per_round(tmp_path: Path) -> None:
+    config = RunConfig(hospitals=3, rounds=5, strategy="fedsgd", run_name="t", accountant="rdp")
+    data = _hospital(config)
+    privacy = PrivacyState(ledger_path=tmp_path / "h.sqlite", budget_epsilon=10.0)
+    record = msg.order_record(config, model_name="mlp", model_args=MLP_ARGS, mode=msg.MODE_GRADIENT)
+    record[msg.SERVER_ROUND] = 1
+    result = train_round(msg.parse_order(record), data, _arrays(), privacy=privacy)
+    assert result.privacy is not None and result.privacy["steps_per_round"] == 1
+    (event,) = Ledger.open(privacy.ledger_path).events()
+    assert event.steps == 1 and event.sample_rate == pytest.approx(result.privacy["sample_rate"])
+    assert result.accountant_state is not None
+    assert sum(h[2] for h in result.accountant_state["history"]) == 1
+
+
 def test_a_round_past_the_cap_is_declined_without_training(tmp_path: Path) -> None:
     config = RunConfig(hospitals=3, rounds=2, epsilon=4.0, run_name="t", accountant="rdp")
     data = _hospital(config)
@@ -234,3 +248,16 @@ def test_fix_model_replaces_batchnorm_and_says_so(tmp_path: Path) -> None:
     rebuilt = build(plan.model_name, **plan.model_args)
     assert not any(isinstance(m, nn.BatchNorm1d) for m in rebuilt.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in rebuilt.modules())
+
+
+def test_auto_mode_picks_ghost_for_linear_models_and_hooks_for_convolutions() -> None:
+    from fedpriv.privacy.dp import resolve_grad_sample_mode
+
+    mlp = build("mlp", **MLP_ARGS)
+    cnn = build("cnn", in_channels=1, num_classes=10)
+    assert resolve_grad_sample_mode(mlp, "auto", proximal=False) == "ghost"
+    assert resolve_grad_sample_mode(cnn, "auto", proximal=False) == "hooks"
+    assert resolve_grad_sample_mode(mlp, "auto", proximal=True) == "hooks"
+    assert resolve_grad_sample_mode(cnn, "ghost", proximal=False) == "ghost"
+    with pytest.raises(ConfigError, match="plain loss"):
+        resolve_grad_sample_mode(mlp, "ghost", proximal=True)
