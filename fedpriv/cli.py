@@ -107,6 +107,9 @@ def simulate(
     model: Annotated[
         str | None, typer.Option(help="mlp or cnn (default: chosen by the dataset)")
     ] = None,
+    model_width: Annotated[
+        int | None, typer.Option(help="MLP hidden size / CNN channels (0: the model's default)")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed for splits, sampling and init")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     gpus_per_hospital: Annotated[
@@ -152,6 +155,14 @@ def simulate(
         bool | None,
         typer.Option("--fix-model", help="replace BatchNorm layers with GroupNorm for DP-SGD"),
     ] = None,
+    he: Annotated[
+        bool | None,
+        typer.Option("--he", help="sum updates under CKKS encryption (the server only adds)"),
+    ] = None,
+    keys: Annotated[
+        str | None,
+        typer.Option(help="CKKS key directory (default: new keys in the run directory)"),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with run-config keys")
     ] = None,
@@ -177,6 +188,7 @@ def simulate(
         "batch-size": batch_size,
         "lr": lr,
         "model": model,
+        "model-width": model_width,
         "seed": seed,
         "device": device,
         "gpus-per-hospital": gpus_per_hospital,
@@ -193,6 +205,8 @@ def simulate(
         "client-clip-norm": client_clip_norm,
         "client-noise-multiplier": client_noise_multiplier,
         "fix-model": fix_model,
+        "he": he,
+        "keys": keys,
         "out": out,
         "run-name": name,
     }
@@ -319,6 +333,65 @@ def _print_summary(result: Any) -> None:
             highlight=False,
         )
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
+
+
+# ---- keys ------------------------------------------------------------------------------
+
+keys_app = typer.Typer(help="CKKS keys for homomorphic aggregation.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    out: Annotated[Path, typer.Option(help="directory for secret.ctx and public.ctx")],
+) -> None:
+    """Create a key set: secret.ctx for every hospital, public.ctx for the server (0600)."""
+
+    def run() -> None:
+        from fedpriv.privacy.he import PUBLIC_FILE, SECRET_FILE, write_keys
+
+        fingerprint = write_keys(out)
+        console.print(f"fingerprint [bold]{fingerprint}[/]", highlight=False)
+        console.print(
+            f"  {out / SECRET_FILE}  hospitals only (secret key; copy it to every site)\n"
+            f"  {out / PUBLIC_FILE}  the server (no secret key: it can only add)",
+            highlight=False,
+        )
+
+    _guard(run)
+
+
+@keys_app.command("show")
+def keys_show(path: Annotated[Path, typer.Argument(help="a secret.ctx or public.ctx")]) -> None:
+    """Print a key file's fingerprint and whether it can decrypt."""
+
+    def run() -> None:
+        from fedpriv.privacy.he import HeError, load_context
+
+        try:
+            context = load_context(path, role="hospital")
+        except HeError:
+            context = load_context(path, role="server")
+        kind = "secret (hospitals)" if context.can_decrypt else "public (server)"
+        console.print(f"{path}: {kind}, fingerprint {context.fingerprint}", highlight=False)
+
+    _guard(run)
+
+
+@keys_app.command("decrypt-model")
+def keys_decrypt_model(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory holding model.ckks.npz")],
+    secret: Annotated[Path, typer.Option(help="the hospitals' secret.ctx")],
+) -> None:
+    """Decrypt an encrypted final model (what a real server keeps under HE) into model.pt."""
+
+    def run() -> None:
+        from fedpriv.server.rundir import RunDirectory, decrypt_final_model
+
+        path = decrypt_final_model(RunDirectory.open(run_dir), secret)
+        console.print(f"decrypted the final model into [bold]{path}[/]", highlight=False)
+
+    _guard(run)
 
 
 # ---- budget ----------------------------------------------------------------------------

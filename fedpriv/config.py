@@ -60,6 +60,7 @@ class RunConfig:
     lr: float = 0.1
     momentum: float = 0.0
     model: str = ""
+    model_width: int = 0
     seed: int = 0
     # differential privacy (sample level: DP-SGD at every hospital)
     dp: bool = True
@@ -72,6 +73,8 @@ class RunConfig:
     budget_epsilon: float = 10.0
     ledger_dir: str = ""
     fix_model: bool = False
+    #: >= 0 makes DP noise and sampling reproducible: INSECURE, for tests and benchmarks
+    insecure_dp_seed: int = -1
     # differential privacy (client level: the server protects whole hospitals)
     dp_level: str = "sample"
     client_clip_norm: float = 1.0
@@ -80,6 +83,9 @@ class RunConfig:
     client_target_quantile: float = 0.5
     client_clip_lr: float = 0.2
     client_count_noise: float = 1.0
+    # homomorphic encryption (the server only adds ciphertexts)
+    he: bool = False
+    keys: str = ""
     # resources
     device: str = "auto"
     gpus_per_hospital: float = 0.0
@@ -117,6 +123,7 @@ class RunConfig:
         _check(self.min_hospitals >= 1, "min-hospitals must be at least 1")
         _check(self.round_timeout > 0, "round-timeout must be > 0 seconds")
         _check(self.local_epochs >= 1, f"local-epochs must be at least 1 (got {self.local_epochs})")
+        _check(self.model_width >= 0, "model-width must be >= 0 (0: the model's default)")
         _check(self.batch_size >= 1, f"batch-size must be at least 1 (got {self.batch_size})")
         _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")

@@ -18,6 +18,7 @@ __all__ = [
     "available_models",
     "build",
     "default_model",
+    "initial_state",
     "register_model",
 ]
 
@@ -71,18 +72,44 @@ def replace_batchnorm(model: nn.Module) -> list[str]:
     return replaced
 
 
+def initial_state(name: str, seed: int, **kwargs: Any) -> dict[str, Any]:
+    """The initial global model of a run: a function of the architecture and the seed only
+    (so under HE the hospitals can build it themselves and the server never holds it)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = build(name, **kwargs)
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
 def default_model(
-    *, kind: str, input_shape: tuple[int, ...], num_classes: int, name: str = ""
+    *,
+    kind: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    name: str = "",
+    width: int = 0,
 ) -> tuple[str, dict[str, Any]]:
-    """The model name and arguments for a dataset: the MLP for tables, the CNN for images."""
+    """The model name and arguments for a dataset: the MLP for tables, the CNN for images.
+
+    ``width`` (if > 0) is the MLP's hidden size or the CNN's first-layer channels.
+    """
     chosen = name or ("cnn" if kind == "image" else "mlp")
     if chosen == "cnn":
         if len(input_shape) != 3:
             raise ConfigError("model 'cnn' needs image data; use --model mlp for tables")
-        return chosen, {"in_channels": int(input_shape[0]), "num_classes": num_classes}
+        args: dict[str, Any] = {"in_channels": int(input_shape[0]), "num_classes": num_classes}
+        if width:
+            args["width"] = width
+        return chosen, args
     features = 1
     for dim in input_shape:
         features *= int(dim)
+    if chosen == "mlp":
+        args = {"in_features": features, "num_classes": num_classes}
+        if width:
+            args["hidden"] = width
+        return chosen, args
     return chosen, {"in_features": features, "num_classes": num_classes}
 
 

@@ -11,6 +11,7 @@ from fedpriv import messages as msg
 from fedpriv.client.hospital import (
     HospitalData,
     evaluate_round,
+    he_context,
     local_data,
     privacy_state,
     train_round,
@@ -50,6 +51,7 @@ def handle_train(message: Message, context: Context) -> Message:
         if order.config.sample_level_dp
         else None,
         accountant_state=accountant_state,
+        context=he_context(order.config, context.node_config),
     )
     if result.accountant_state is not None:
         context.state[STATE_DP] = ConfigRecord(
@@ -67,6 +69,8 @@ def handle_train(message: Message, context: Context) -> Message:
     )
     if result.privacy is not None:
         metrics["epsilon"] = float(result.privacy["epsilon"])
+    for name, seconds in result.he_seconds.items():
+        metrics[f"he-{name}-seconds"] = float(seconds)
     content[msg.ARRAYS] = result.arrays
     content[msg.METRICS] = metrics
     content[msg.HOSPITAL] = _hospital_record(data)
@@ -77,7 +81,12 @@ def handle_train(message: Message, context: Context) -> Message:
 def handle_evaluate(message: Message, context: Context) -> Message:
     order = msg.parse_order(message.content.config_records[msg.CONFIG])
     data = local_data(order.config, context.node_config)
-    stats = evaluate_round(order, data, message.content.array_records[msg.ARRAYS])
+    stats = evaluate_round(
+        order,
+        data,
+        message.content.array_records[msg.ARRAYS],
+        context=he_context(order.config, context.node_config),
+    )
     metrics = MetricRecord(
         {
             "eval-loss": stats.loss,

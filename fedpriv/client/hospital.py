@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,22 @@ from flwr.app import Array, ArrayRecord
 from fedpriv import messages as msg
 from fedpriv.config import RunConfig
 from fedpriv.data import split_for
-from fedpriv.errors import ConfigError
-from fedpriv.models import build
+from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.models import build, initial_state
 from fedpriv.privacy.dp import (
     DpPlan,
     make_private,
     plan_dp,
     reseed_from_os,
     resolve_grad_sample_mode,
+)
+from fedpriv.privacy.he import (
+    SECRET_FILE,
+    CkksContext,
+    Layout,
+    decrypt_sum,
+    encrypt_contribution,
+    load_context,
 )
 from fedpriv.privacy.ledger import BudgetExceeded, Ledger
 from fedpriv.training import (
@@ -61,7 +70,10 @@ PARTITION_ID = "partition-id"
 LEDGER_PATH = "ledger-path"
 BUDGET_EPSILON = "budget-epsilon"
 
+HE_SECRET_CONTEXT = "he-secret-context"
+
 LEDGERS_DIR = "ledgers"
+KEYS_DIR = "keys"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,6 +118,7 @@ class RoundResult:
     declined: str = ""
     privacy: dict[str, Any] | None = None
     accountant_state: dict[str, Any] | None = None
+    he_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=4)
@@ -157,10 +170,86 @@ def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: s
     return PrivacyState(ledger_path=path, budget_epsilon=budget)
 
 
-def _model(order: msg.TrainingOrder, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build(order.model_name, **order.model_args)
-    set_weights(model, {k: v.numpy() for k, v in arrays.items()})
-    return model
+def he_context(config: RunConfig, node_config: Mapping[str, Any]) -> CkksContext | None:
+    """The hospitals' secret CKKS context when the run is encrypted."""
+    if not config.he:
+        return None
+    if HE_SECRET_CONTEXT in node_config:
+        path = Path(str(node_config[HE_SECRET_CONTEXT])).expanduser()
+    else:
+        base = Path(config.keys) if config.keys else Path(config.out) / config.run_name / KEYS_DIR
+        path = base / SECRET_FILE
+    return _load_secret(str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_secret(path: str) -> CkksContext:
+    return load_context(path, role="hospital")
+
+
+class GlobalModel:
+    """The global model as this hospital reads it: plaintext, or decrypted under HE."""
+
+    def __init__(
+        self, order: msg.TrainingOrder, arrays: ArrayRecord, context: CkksContext | None
+    ) -> None:
+        from fedpriv.strategies.ckks import (
+            CIPHERTEXT,
+            FINGERPRINT,
+            TOTAL,
+            ciphertext_bytes,
+            decode_text,
+        )
+
+        self.decrypt_seconds = 0.0
+        self.layout: Layout | None = None
+        if context is None:
+            self.weights = {k: v.numpy() for k, v in arrays.items()}
+            return
+        initial = initial_state(order.model_name, order.config.seed, **order.model_args)
+        self.layout = Layout.of(initial)
+        if len(arrays) == 0:  # round 1: the initial model follows from the seed
+            self.weights = initial
+            return
+        if decode_text(arrays[FINGERPRINT]) != context.fingerprint:
+            raise FedprivError(
+                "the server's global model is encrypted under another key than this "
+                f"hospital's ({context.fingerprint}): check he-secret-context / --keys"
+            )
+        started = time.perf_counter()
+        mean = _decrypted(
+            context,
+            ciphertext_bytes(arrays[CIPHERTEXT]),
+            self.layout.size,
+            int(arrays[TOTAL].numpy()[0]),
+        )
+        self.weights = self.layout.unflatten(mean)
+        self.decrypt_seconds = time.perf_counter() - started
+
+    def model(self, order: msg.TrainingOrder) -> torch.nn.Module:
+        model = build(order.model_name, **order.model_args)
+        set_weights(model, self.weights)
+        return model
+
+
+@functools.lru_cache(maxsize=2)
+def _decrypted(context: CkksContext, blob: bytes, length: int, total: int) -> np.ndarray:
+    """Decrypt once per aggregate: evaluation and the next round's training get the same one
+    (and in simulation one worker process serves several hospitals)."""
+    return decrypt_sum(context, blob, length=length, total_examples=total)
+
+
+def _encrypt_reply(
+    context: CkksContext, layout: Layout, weights: dict[str, np.ndarray], num_examples: int
+) -> tuple[ArrayRecord, float]:
+    from fedpriv.strategies.ckks import CIPHERTEXT, FINGERPRINT, ciphertext_array, encode_text
+
+    started = time.perf_counter()
+    blob = encrypt_contribution(context, layout.flatten(weights), num_examples)
+    record = ArrayRecord(
+        {CIPHERTEXT: ciphertext_array(blob), FINGERPRINT: encode_text(context.fingerprint)}
+    )
+    return record, time.perf_counter() - started
 
 
 def _seed(order: msg.TrainingOrder, data: HospitalData) -> int:
@@ -190,12 +279,38 @@ def train_round(
     *,
     privacy: PrivacyState | None = None,
     accountant_state: dict[str, Any] | None = None,
+    context: CkksContext | None = None,
 ) -> RoundResult:
-    """One round of local training; returns new weights, or the gradient under FedSGD."""
+    """One round of local training; returns new weights, or the gradient under FedSGD.
+
+    Under HE (``context``) the reply is ``encrypt(n_k * w_k)``; FedSGD's step is then
+    taken here with the server's learning rate, since the server cannot read the model.
+    """
     config = order.config
     device = resolve_device(config.device)
-    model = _model(order, arrays)
+    current = GlobalModel(order, arrays, context)
+    model = current.model(order)
     before = get_weights(model)
+
+    def reply(stats: TrainStats, **extra: Any) -> RoundResult:
+        if context is None:
+            return RoundResult(
+                arrays=_reply_arrays(model, before, gradient_mode), stats=stats, **extra
+            )
+        assert current.layout is not None
+        after = get_weights(model)
+        if gradient_mode:  # w - server_lr * g, with g = before - after (one step at lr 1)
+            after = {k: before[k] - config.server_lr * (before[k] - after[k]) for k in before}
+        encrypted, seconds = _encrypt_reply(
+            context, current.layout, after, int(data.train_labels.size)
+        )
+        return RoundResult(
+            arrays=encrypted,
+            stats=stats,
+            he_seconds={"decrypt": current.decrypt_seconds, "encrypt": seconds},
+            **extra,
+        )
+
     criterion = torch.nn.CrossEntropyLoss()
     gradient_mode = order.mode == msg.MODE_GRADIENT
     lr = 1.0 if gradient_mode else config.lr
@@ -221,7 +336,7 @@ def train_round(
             device=device,
             proximal_mu=proximal_mu,
         )
-        return RoundResult(arrays=_reply_arrays(model, before, gradient_mode), stats=stats)
+        return reply(stats)
 
     if privacy is None:
         raise ConfigError("sample-level DP needs a privacy ledger")
@@ -248,7 +363,12 @@ def train_round(
             accountant_state=accountant_state,
         )
     # Sampling and noise must not follow --seed (the server knows it).
-    reseed_from_os()
+    if config.insecure_dp_seed >= 0:
+        torch.manual_seed(
+            (config.insecure_dp_seed * 1_000_003 + order.server_round * 1_009 + data.index) % 2**63
+        )
+    else:
+        reseed_from_os()
     mode = resolve_grad_sample_mode(model, config.grad_sample_mode, proximal=proximal_mu > 0)
     loader = make_loader(
         data.train_features, data.train_labels, batch_size=config.batch_size, shuffle=False
@@ -282,9 +402,8 @@ def train_round(
         raise RuntimeError(
             f"{data.name} took {taken} DP-SGD steps but recorded {plan.steps_per_round}"
         )
-    return RoundResult(
-        arrays=_reply_arrays(model, before, gradient_mode),
-        stats=stats,
+    return reply(
+        stats,
         privacy=_privacy_report(
             ledger,
             data,
@@ -354,10 +473,16 @@ def _privacy_report(
     }
 
 
-def evaluate_round(order: msg.TrainingOrder, data: HospitalData, arrays: ArrayRecord) -> EvalStats:
-    """The global model on this hospital's held-out records."""
+def evaluate_round(
+    order: msg.TrainingOrder,
+    data: HospitalData,
+    arrays: ArrayRecord,
+    *,
+    context: CkksContext | None = None,
+) -> EvalStats:
+    """The global model on this hospital's held-out records (decrypted first under HE)."""
     device = resolve_device(order.config.device)
-    model = _model(order, arrays)
+    model = GlobalModel(order, arrays, context).model(order)
     loader = make_loader(
         data.held_out_features, data.held_out_labels, batch_size=1024, shuffle=False
     )

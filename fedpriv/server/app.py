@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.config import RunConfig
+from fedpriv.errors import ConfigError
 from fedpriv.server.run import flower_logging, prepare_run, serve
 
 __all__ = ["app"]
@@ -24,7 +25,13 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(dict(context.run_config))
-    plan = prepare_run(config, central=config.central_eval)
+    if config.he and not config.keys:
+        raise ConfigError(
+            "he = true needs keys: run `fedpriv keys init --out DIR` once, give the server "
+            'DIR/public.ctx and the hospitals DIR/secret.ctx, and set keys = "DIR"'
+        )
+    # Under HE this server cannot read the model, so it cannot score a central test split.
+    plan = prepare_run(config, central=config.central_eval and not config.he)
     with flower_logging(plan.run_dir, quiet=False):
         logger.info("run directory: %s", plan.run_dir.path.resolve())
         outcome = serve(grid, plan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -19,11 +20,13 @@ from fedpriv import messages as msg
 from fedpriv.config import RunConfig
 from fedpriv.data import Dataset, FederatedSplit, split_for
 from fedpriv.errors import ConfigError
-from fedpriv.models import build, default_model, replace_batchnorm
+from fedpriv.models import build, default_model, initial_state, replace_batchnorm
 from fedpriv.privacy.dp import DpEvent, batchnorm_layers, compose_epsilon
+from fedpriv.privacy.he import PUBLIC_FILE, Layout, load_context
 from fedpriv.server.loop import FederationStopped, RoundOutcome, run_rounds, wait_for_hospitals
 from fedpriv.server.rundir import FLOWER_LOG, Checkpoint, RunDirectory, new_run_name
 from fedpriv.strategies import Aggregator, PlainAggregator, create_strategy
+from fedpriv.strategies.ckks import CIPHERTEXT, CkksAggregator, array_to_numpy
 from fedpriv.strategies.client_dp import ClientLevelDpAggregator
 from fedpriv.training import evaluate, make_loader, resolve_device, set_weights
 
@@ -42,6 +45,8 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
 CentralEvaluator = Callable[[dict[str, np.ndarray]], dict[str, float]]
 
+#: where a simulation keeps its CKKS key files unless --keys says otherwise
+KEYS_DIR = "keys"
 #: how long the server waits for the run's hospitals to connect before starting anyway
 NODE_WAIT_SECONDS = 300.0
 #: seconds between the simulation grid's checks for replies
@@ -59,6 +64,9 @@ class RunPlan:
     central: CentralEvaluator | None
     resume: Checkpoint | None = None
     notices: tuple[str, ...] = ()
+    #: the simulation harness's way to read an encrypted global model (it holds the
+    #: hospitals' key); None for a real server, which never can
+    decrypt: Callable[[ArrayRecord], dict[str, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass
@@ -76,6 +84,7 @@ def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, A
         input_shape=tuple(dataset.features.shape[1:]),
         num_classes=dataset.num_classes,
         name=config.model,
+        width=config.model_width,
     )
 
 
@@ -91,6 +100,16 @@ def _check_run(config: RunConfig) -> None:
         raise ConfigError(
             f"--dp-level {config.dp_level} clips hospitals' updates inside fedpriv's own "
             f"aggregation; Flower's '{config.strategy}' does its own: use fedavg or fedsgd"
+        )
+    if config.he and is_stock(config.strategy):
+        raise ConfigError(
+            f"--he needs the server to only add ciphertexts; Flower's '{config.strategy}' "
+            "averages plaintext itself: use fedavg or fedsgd"
+        )
+    if config.he and config.client_level_dp:
+        raise ConfigError(
+            f"--dp-level {config.dp_level} clips each hospital's update at the server, which "
+            "cannot see updates under --he: use --dp-level sample with --he"
         )
     if config.sample_level_dp and config.epsilon > config.budget_epsilon:
         raise ConfigError(
@@ -132,6 +151,12 @@ def _check_dp(config: RunConfig, split: FederatedSplit) -> list[str]:
         return notices
     if not config.sample_level_dp:
         return notices
+    if config.insecure_dp_seed >= 0:
+        notices.append(
+            f"insecure-dp-seed={config.insecure_dp_seed}: DP noise and sampling are reproducible "
+            "by anyone who knows it, which voids the privacy guarantee against them (tests and "
+            "benchmarks only)"
+        )
     # Each hospital calibrates its own noise; here only what can fail is checked.
     smallest = min(split.hospitals, key=lambda h: h.train.size)
     if config.delta >= 1.0 / smallest.train.size:
@@ -183,6 +208,7 @@ def prepare_run(
             run_name=name,
             out=str(Path(config.out).resolve()),
             ledger_dir=str(Path(config.ledger_dir).resolve()) if config.ledger_dir else "",
+            keys=str(Path(config.keys).resolve()) if config.keys else "",
         )
         run_dir.write_config(config, model_name=model_name, model_args=model_args)
         run_dir.write_partitions(split)
@@ -227,13 +253,11 @@ def _central_evaluator(
 def initial_weights(
     model_name: str, model_args: dict[str, Any], seed: int
 ) -> dict[str, np.ndarray]:
-    torch.manual_seed(seed)
-    model = build(model_name, **model_args)
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    return initial_state(model_name, seed, **model_args)
 
 
 def _to_weights(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in arrays.items()}
+    return {k: array_to_numpy(v) for k, v in arrays.items()}
 
 
 def _row(outcome: RoundOutcome, central: dict[str, float], seconds: float) -> dict[str, Any]:
@@ -275,7 +299,8 @@ def serve(
         # (its documented constructor argument); at ~0.1 s of training per round that
         # polling alone would double the round time.
         grid.pull_interval = GRID_PULL_INTERVAL
-    aggregator = make_aggregator(config)
+    layout = Layout.of(initial_weights(plan.model_name, plan.model_args, config.seed))
+    aggregator = make_aggregator(config, layout=layout)
     strategy = create_strategy(config.strategy, config=config, aggregator=aggregator)
     strategy.summary()
     ledger_view = PrivacyView(plan.run_dir, config, aggregator)
@@ -285,11 +310,19 @@ def serve(
         weights = plan.resume.weights
         first_round = plan.resume.round + 1
         logger.info("resuming %s after round %d", plan.run_dir.path, plan.resume.round)
+    elif config.he:
+        # Under HE the server never holds a plaintext model: the hospitals build the
+        # initial one themselves from the seed (an empty record says so).
+        weights = {}
+        first_round = 1
     else:
         weights = initial_weights(plan.model_name, plan.model_args, config.seed)
         first_round = 1
     outcome.last_round = first_round - 1
     arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()})
+    he_log = HeLog(plan.run_dir, aggregator, layout) if config.he else None
+    if he_log is not None:
+        he_log.rounds = [r for r in he_log.rounds if r["round"] < first_round]
     order = ConfigRecord(
         msg.order_record(config, model_name=plan.model_name, model_args=plan.model_args)
     )
@@ -301,17 +334,25 @@ def serve(
             config.hospitals,
         )
 
+    def plaintext(arrays: ArrayRecord) -> dict[str, np.ndarray] | None:
+        if not config.he:
+            return _to_weights(arrays)
+        return plan.decrypt(arrays) if plan.decrypt is not None else None
+
     def finish_round(result: RoundOutcome) -> None:
         started = time.perf_counter()
-        round_weights = _to_weights(result.arrays)
-        central = plan.central(round_weights) if plan.central else {}
+        stored = _to_weights(result.arrays)  # ciphertexts under HE
+        round_weights = plaintext(result.arrays)
+        central = plan.central(round_weights) if plan.central and round_weights else {}
+        if he_log is not None:
+            he_log.record(result)
         ledger_view.update(result.privacy, rounds_done=result.round)
         row = _row(result, central, result.seconds + time.perf_counter() - started)
         row["epsilon"] = ledger_view.epsilons()
         if config.client_level_dp:
             row["client_epsilon"] = ledger_view.client_level()["epsilon"]
         plan.run_dir.append_metrics(row)
-        plan.run_dir.save_checkpoint(result.round, round_weights, {"strategy": config.strategy})
+        plan.run_dir.save_checkpoint(result.round, stored, {"strategy": config.strategy})
         outcome.last_round = result.round
         outcome.rows.append(row)
         if on_round is not None:
@@ -341,11 +382,25 @@ def serve(
                 final = ArrayRecord(
                     {k: Array(np.asarray(v)) for k, v in checkpoint.weights.items()}
                 )
-    plan.run_dir.save_model(_to_weights(final))
+    final_weights = plaintext(final) if len(final) else None
+    if final_weights is not None:
+        plan.run_dir.save_model(final_weights)
+    elif len(final):
+        # a real server under HE: keep the encrypted model; hospitals decrypt it themselves
+        plan.run_dir.save_encrypted_model(_to_weights(final))
     return outcome
 
 
-def make_aggregator(config: RunConfig) -> Aggregator:
+def server_keys(config: RunConfig) -> Path:
+    """Where the server's public context lives: --keys DIR, or the run's keys/."""
+    base = Path(config.keys) if config.keys else Path(config.out) / config.run_name / KEYS_DIR
+    return base / PUBLIC_FILE
+
+
+def make_aggregator(config: RunConfig, *, layout: Layout) -> Aggregator:
+    if config.he:
+        context = load_context(server_keys(config), role="server")
+        return CkksAggregator(context=context, length=layout.size)
     if config.client_level_dp:
         return ClientLevelDpAggregator(
             clip_norm=config.client_clip_norm,
@@ -429,6 +484,47 @@ class PrivacyView:
         if config.client_level_dp:
             doc["client_level"] = self.client_level()
         return doc
+
+
+class HeLog:
+    """``he.json``: per round, bytes up and down, bytes per parameter, time spent in HE."""
+
+    def __init__(self, run_dir: RunDirectory, aggregator: Aggregator, layout: Layout) -> None:
+        self.run_dir = run_dir
+        self.aggregator = aggregator
+        self.layout = layout
+        self.rounds: list[dict[str, Any]] = []
+        self.last_aggregate = 0  # what this round's trainers downloaded
+        path = run_dir.file("he.json")
+        if path.is_file():  # resuming: keep the rounds already recorded
+            self.rounds = list(json.loads(path.read_text()).get("rounds", []))
+
+    def record(self, result: RoundOutcome) -> None:
+        aggregator = self.aggregator
+        assert isinstance(aggregator, CkksAggregator)
+        trained = [h for h in result.hospitals.values() if "train_examples" in h]
+        uploads = aggregator.bytes_in
+        aggregate = len(result.arrays[CIPHERTEXT].data) if CIPHERTEXT in result.arrays else 0
+        evaluated = sum(1 for h in result.hospitals.values() if "num_examples" in h)
+        encrypt = [float(h.get("he_encrypt_seconds", 0.0)) for h in trained]
+        decrypt = [float(h.get("he_decrypt_seconds", 0.0)) for h in trained]
+        entry = {
+            "round": result.round,
+            "parameters": self.layout.size,
+            "hospitals": len(trained),
+            "bytes_up": uploads,
+            "bytes_up_per_param": uploads / max(1, len(trained)) / self.layout.size,
+            "plaintext_bytes_per_param": 4,
+            # down: last round's aggregate to this round's trainers, this one's to evaluators
+            "bytes_down": self.last_aggregate * len(trained) + aggregate * evaluated,
+            "server_aggregate_seconds": aggregator.seconds,
+            "client_encrypt_seconds_mean": sum(encrypt) / len(encrypt) if encrypt else 0.0,
+            "client_decrypt_seconds_mean": sum(decrypt) / len(decrypt) if decrypt else 0.0,
+            "rejected": [{"hospital": h, "reason": r} for h, r in aggregator.rejected],
+        }
+        self.rounds.append(entry)
+        self.last_aggregate = aggregate
+        self.run_dir.write_json("he.json", {"rounds": self.rounds})
 
 
 def build_server_app(

@@ -30,6 +30,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 PARTITIONS = "partitions.json"
 MODEL = "model.pt"
+ENCRYPTED_MODEL = "model.ckks.npz"
 CHECKPOINT = "checkpoint.pt"
 PRIVACY = "privacy.json"
 FLOWER_LOG = "flower.log"
@@ -176,6 +177,22 @@ class RunDirectory:
         except Exception as exc:
             raise RunDirectoryError(f"checkpoint '{path}' cannot be read: {exc}") from None
 
+    def save_encrypted_model(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """The final model as the server holds it under HE: ciphertext sum and total."""
+        path = self.file(ENCRYPTED_MODEL)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_json(self, name: str, document: Mapping[str, Any]) -> None:
+        _atomic_write_text(self.file(name), json.dumps(document, indent=2, sort_keys=True) + "\n")
+
     def save_model(self, weights: Mapping[str, np.ndarray]) -> None:
         state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
         _atomic_torch_save(state, self.file(MODEL))
@@ -191,6 +208,32 @@ class RunDirectory:
         if not isinstance(data, dict):
             raise RunDirectoryError(f"'{path}' does not hold a JSON object")
         return data
+
+
+def decrypt_final_model(run: RunDirectory, secret_context: str | Path) -> Path:
+    """A hospital (which holds the secret key) turns the server's encrypted model into model.pt."""
+    from fedpriv.models import initial_state
+    from fedpriv.privacy.he import HeError, Layout, decrypt_sum, load_context
+    from fedpriv.strategies.ckks import CIPHERTEXT, FINGERPRINT, TOTAL
+
+    config, model_name, model_args = run.read_config()
+    encrypted = run.file(ENCRYPTED_MODEL)
+    if not encrypted.is_file():
+        raise RunDirectoryError(f"'{run.path}' has no encrypted model ({ENCRYPTED_MODEL})")
+    context = load_context(secret_context, role="hospital")
+    with np.load(encrypted, allow_pickle=False) as archive:
+        blob = archive[CIPHERTEXT].tobytes()
+        fingerprint = bytes(archive[FINGERPRINT].astype(np.uint8)).decode(errors="replace")
+        total = int(archive[TOTAL][0])
+    if fingerprint != context.fingerprint:
+        raise HeError(
+            f"the model is encrypted under key {fingerprint}, '{secret_context}' is "
+            f"{context.fingerprint}"
+        )
+    layout = Layout.of(initial_state(model_name, config.seed, **model_args))
+    weights = layout.unflatten(decrypt_sum(context, blob, length=layout.size, total_examples=total))
+    run.save_model(weights)
+    return run.file(MODEL)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

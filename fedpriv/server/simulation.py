@@ -76,7 +76,53 @@ def simulate(
 
 def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -> RunPlan:
     """Validate and write the run directory's first files; nothing is started yet."""
-    return prepare_run(share_gpu(config), resume_dir=resume, central=True)
+    plan = prepare_run(share_gpu(config), resume_dir=resume, central=True)
+    if plan.config.he:
+        plan = dataclasses.replace(plan, decrypt=_harness_decryptor(plan))
+    return plan
+
+
+def _harness_decryptor(plan: RunPlan) -> Any:
+    """Under HE the simulation harness plays the hospitals' side to read the global model
+    (central test accuracy, model.pt). The server code never gets this function's key."""
+    from flwr.app import ArrayRecord
+
+    from fedpriv.privacy.he import (
+        PUBLIC_FILE,
+        SECRET_FILE,
+        HeError,
+        Layout,
+        load_context,
+        write_keys,
+    )
+    from fedpriv.server.run import KEYS_DIR, initial_weights
+    from fedpriv.strategies.ckks import CIPHERTEXT, TOTAL, ciphertext_bytes
+
+    config = plan.config
+    keys = Path(config.keys) if config.keys else plan.run_dir.path / KEYS_DIR
+    if not config.keys and not (keys / SECRET_FILE).exists():
+        write_keys(keys)
+    secret = load_context(keys / SECRET_FILE, role="hospital")
+    public = load_context(keys / PUBLIC_FILE, role="server")
+    if secret.fingerprint != public.fingerprint:
+        raise HeError(
+            f"'{keys / SECRET_FILE}' and '{keys / PUBLIC_FILE}' belong to different key sets "
+            f"({secret.fingerprint} vs {public.fingerprint})"
+        )
+    layout = Layout.of(initial_weights(plan.model_name, plan.model_args, config.seed))
+
+    def decrypt(arrays: ArrayRecord) -> dict[str, Any]:
+        from fedpriv.privacy.he import decrypt_sum
+
+        mean = decrypt_sum(
+            secret,
+            ciphertext_bytes(arrays[CIPHERTEXT]),
+            length=layout.size,
+            total_examples=int(arrays[TOTAL].numpy()[0]),
+        )
+        return layout.unflatten(mean)
+
+    return decrypt
 
 
 def share_gpu(config: RunConfig) -> RunConfig:

@@ -40,6 +40,10 @@ class FedSGD(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         gradient, metrics = super().aggregate_train(server_round, replies)
+        if getattr(self.aggregator, "encrypted", False):
+            # Under HE each hospital took the step itself (it alone can read the model):
+            # the sum is already the new model.
+            return gradient, metrics
         if gradient is None or self._current is None:
             return None, metrics
         return apply_gradient(self._current, gradient, self.server_lr), metrics
