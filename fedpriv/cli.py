@@ -163,6 +163,16 @@ def simulate(
         str | None,
         typer.Option(help="CKKS key directory (default: new keys in the run directory)"),
     ] = None,
+    audit: Annotated[
+        bool | None,
+        typer.Option("--audit", help="audit the final model (membership inference) afterwards"),
+    ] = None,
+    canaries: Annotated[
+        int | None, typer.Option(help="plant M mislabelled canaries for a one-run audit")
+    ] = None,
+    reference_models: Annotated[
+        int | None, typer.Option(help="reference models for LiRA/RMIA in --audit [4]")
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with run-config keys")
     ] = None,
@@ -207,6 +217,9 @@ def simulate(
         "fix-model": fix_model,
         "he": he,
         "keys": keys,
+        "audit": audit,
+        "canaries": canaries,
+        "reference-models": reference_models,
         "out": out,
         "run-name": name,
     }
@@ -268,6 +281,12 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
             )
         result = run_plan(plan, on_round=on_round)
     _print_summary(result)
+    if config.audit and result.rows:
+        _run_audit(result.run_dir, reference_models=config.reference_models)
+    else:
+        from fedpriv.report import build_report
+
+        build_report(result.run_dir)
     if result.stopped:
         err_console.print(f"[yellow]run stopped early:[/] {result.stopped}", highlight=False)
         if not result.rows:
@@ -333,6 +352,132 @@ def _print_summary(result: Any) -> None:
             highlight=False,
         )
     console.print(f"run directory: [bold]{result.run_dir}[/]", highlight=False)
+
+
+# ---- audit and report ------------------------------------------------------------------
+
+EXIT_AUDIT_FAILED = 3
+
+
+@app.command("audit")
+def audit_command(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    attacks: Annotated[
+        str, typer.Option(help="comma-separated: loss, lira, lira-offline, rmia")
+    ] = "loss,lira,lira-offline,rmia",
+    reference_models: Annotated[
+        int, typer.Option(help="reference models for LiRA/RMIA (the audit's main cost)")
+    ] = 4,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the intervals")] = 200,
+    seed: Annotated[int, typer.Option(help="seed of the audit's own randomness")] = 0,
+) -> None:
+    """Attack a run's final model; write audit.json and the report's audit section."""
+    _guard(
+        lambda: _run_audit(
+            run_dir,
+            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+            reference_models=reference_models,
+            bootstrap=bootstrap,
+            seed=seed,
+        )
+    )
+
+
+def _run_audit(
+    run_dir: Path,
+    *,
+    attacks: tuple[str, ...] | None = None,
+    reference_models: int = 4,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> None:
+    from fedpriv.privacy.audit import DEFAULT_ATTACKS, audit_run
+    from fedpriv.report import build_report
+
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run directory '{run_dir}' does not exist")
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("reference models", total=max(reference_models, 1))
+        document = audit_run(
+            run_dir,
+            attacks=attacks or DEFAULT_ATTACKS,
+            reference_models=reference_models,
+            bootstrap_samples=bootstrap,
+            seed=seed,
+            on_reference_model=lambda done, total: progress.update(task, completed=done),
+        )
+        progress.update(task, completed=max(reference_models, 1))
+    table = Table(title="Membership-inference audit")
+    for column in (
+        "attack",
+        "AUC [95% CI]",
+        "TPR@1% FPR",
+        "bal. acc.",
+        "eps LB (CP)",
+        "eps LB (GDP)",
+    ):
+        table.add_column(column, justify="left" if column == "attack" else "right")
+    for name, entry in document["attacks"].items():
+        resolvable = entry["tpr_at_fpr_resolvable"]["0.01"]
+        table.add_row(
+            name,
+            f"{entry['auc']:.3f} [{entry['auc_ci'][0]:.3f}, {entry['auc_ci'][1]:.3f}]",
+            _fmt(entry["tpr_at_fpr"]["0.01"]) + ("" if resolvable else " n/r"),
+            _fmt(entry["balanced_accuracy"]),
+            _fmt(entry["epsilon_lower_bound"]),
+            _fmt(entry["epsilon_lower_bound_gdp"]),
+        )
+    console.print(table)
+    console.print(
+        f"{document['members']} members, {document['non_members']} non-members; "
+        f"accounted epsilon (max over hospitals): {_fmt(document['accounted_epsilon_max'])}",
+        highlight=False,
+    )
+    if "canaries" in document:
+        canary = document["canaries"]
+        console.print(
+            f"one-run canary audit: {canary['canaries']} canaries, epsilon lower bound "
+            f"{canary['epsilon_lower_bound']:.3f}",
+            highlight=False,
+        )
+    report = build_report(run_dir)
+    console.print(f"audit: {Path(run_dir) / 'audit.json'}   report: {report}", highlight=False)
+    if document["verdict"] == "no-dp":
+        err_console.print(
+            "[bold yellow]this model was trained without DP:[/] the figures above are what it "
+            "leaks, with no guarantee to compare them to",
+            highlight=False,
+        )
+    if document["verdict"] == "fail":
+        err_console.print(
+            "[bold red]AUDIT FAILED: an empirical epsilon lower bound exceeds the accounted "
+            "epsilon, so the DP guarantee does not hold (a DP bug):[/] "
+            + "; ".join(document["failures"]),
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_AUDIT_FAILED)
+
+
+@app.command("report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+) -> None:
+    """Rebuild report.html from a run directory."""
+
+    def run() -> None:
+        from fedpriv.report import build_report
+
+        console.print(f"report: [bold]{build_report(run_dir)}[/]", highlight=False)
+
+    _guard(run)
 
 
 # ---- keys ------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ class RunConfig:
     # homomorphic encryption (the server only adds ciphertexts)
     he: bool = False
     keys: str = ""
+    # audits
+    audit: bool = False
+    canaries: int = 0
+    reference_models: int = 4
     # resources
     device: str = "auto"
     gpus_per_hospital: float = 0.0
@@ -123,6 +127,8 @@ class RunConfig:
         _check(self.min_hospitals >= 1, "min-hospitals must be at least 1")
         _check(self.round_timeout > 0, "round-timeout must be > 0 seconds")
         _check(self.local_epochs >= 1, f"local-epochs must be at least 1 (got {self.local_epochs})")
+        _check(self.canaries >= 0, f"canaries must be >= 0 (got {self.canaries})")
+        _check(self.reference_models >= 0, "reference-models must be >= 0")
         _check(self.model_width >= 0, "model-width must be >= 0 (0: the model's default)")
         _check(self.batch_size >= 1, f"batch-size must be at least 1 (got {self.batch_size})")
         _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")

@@ -51,7 +51,14 @@ MODEL_ARGS = "model-args"
 MODE = "update-mode"
 MODE_WEIGHTS = "weights"
 MODE_GRADIENT = "gradient"
-PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE})
+AUDIT_THRESHOLDS = "audit-loss-thresholds"
+PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE, AUDIT_THRESHOLDS})
+
+# MetricRecord keys of a hospital's federated-audit reply (counts only, never scores)
+AUDIT_MEMBERS_LE = "members-at-or-below"
+AUDIT_NON_MEMBERS_LE = "non-members-at-or-below"
+AUDIT_MEMBERS = "members"
+AUDIT_NON_MEMBERS = "non-members"
 
 # keys inside the HOSPITAL record of a reply
 HOSPITAL_NAME = "name"
@@ -92,6 +99,7 @@ def parse_order(record: Mapping[str, Any]) -> TrainingOrder:
         model_args = json.loads(str(values.pop(MODEL_ARGS)))
         server_round = int(values.pop(SERVER_ROUND, 0))
         mode = str(values.pop(MODE, MODE_WEIGHTS))
+        values.pop(AUDIT_THRESHOLDS, None)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"malformed training order from the server: {exc}") from None
     if mode not in (MODE_WEIGHTS, MODE_GRADIENT):

@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from fedpriv import messages as msg
 from fedpriv.client.hospital import (
     HospitalData,
+    audit_counts,
     evaluate_round,
     he_context,
     local_data,
@@ -95,4 +96,24 @@ def handle_evaluate(message: Message, context: Context) -> Message:
         }
     )
     content = RecordDict({msg.METRICS: metrics, msg.HOSPITAL: _hospital_record(data)})
+    return Message(content=content, reply_to=message)
+
+
+@app.query()
+def handle_audit(message: Message, context: Context) -> Message:
+    """The federated membership-inference audit: aggregate counts only."""
+    import numpy as np
+
+    record = message.content.config_records[msg.CONFIG]
+    order = msg.parse_order(record)
+    thresholds = np.asarray(record[msg.AUDIT_THRESHOLDS], dtype=np.float64)
+    data = local_data(order.config, context.node_config)
+    counts = audit_counts(
+        order,
+        data,
+        message.content.array_records[msg.ARRAYS],
+        thresholds,
+        context=he_context(order.config, context.node_config),
+    )
+    content = RecordDict({msg.METRICS: MetricRecord(counts), msg.HOSPITAL: _hospital_record(data)})
     return Message(content=content, reply_to=message)

@@ -140,11 +140,17 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
             f"partition-id {index} is outside the run's {len(split.hospitals)} hospitals"
         )
     part = split.hospitals[index]
+    # planted canaries train like any record (and are accounted like any), never evaluated
+    planted = split.canaries_of(index)
+    canary_index = np.asarray([c.index for c in planted], dtype=np.int64)
+    canary_labels = np.asarray([c.label for c in planted], dtype=np.int64)
     return HospitalData(
         name=part.name,
         index=index,
-        train_features=dataset.features[part.train],
-        train_labels=dataset.labels[part.train],
+        train_features=np.concatenate(
+            [dataset.features[part.train], dataset.features[canary_index]]
+        ),
+        train_labels=np.concatenate([dataset.labels[part.train], canary_labels]),
         held_out_features=dataset.features[part.held_out],
         held_out_labels=dataset.labels[part.held_out],
     )
@@ -471,6 +477,45 @@ def _privacy_report(
             for e in events
         ],
     }
+
+
+def audit_counts(
+    order: msg.TrainingOrder,
+    data: HospitalData,
+    arrays: ArrayRecord,
+    thresholds: np.ndarray,
+    *,
+    context: CkksContext | None = None,
+) -> dict[str, Any]:
+    """The federated LOSS audit at this hospital: counts of its members and non-members
+    whose loss under the final model is at or below each threshold. Scores stay here."""
+    from fedpriv.privacy.audit.federated import loss_counts
+    from fedpriv.training import per_example_losses
+
+    model = GlobalModel(order, arrays, context).model(order)
+    device = torch.device("cpu")
+    members = data.train_labels.size - len(_planted(order, data))
+    member_losses, _ = per_example_losses(
+        model, data.train_features[:members], data.train_labels[:members], device=device
+    )
+    held_losses, _ = per_example_losses(
+        model, data.held_out_features, data.held_out_labels, device=device
+    )
+    members_le, non_members_le = loss_counts(member_losses, held_losses, thresholds)
+    return {
+        msg.AUDIT_MEMBERS_LE: members_le,
+        msg.AUDIT_NON_MEMBERS_LE: non_members_le,
+        msg.AUDIT_MEMBERS: int(members),
+        msg.AUDIT_NON_MEMBERS: int(held_losses.size),
+    }
+
+
+def _planted(order: msg.TrainingOrder, data: HospitalData) -> list[Any]:
+    """Canaries planted at this hospital (simulation only); they sit at the end of train."""
+    if order.config.canaries == 0:
+        return []
+    _, split = _simulated_split(order.config)
+    return list(split.canaries_of(data.index))
 
 
 def evaluate_round(

@@ -20,6 +20,7 @@ from fedpriv.data.partition import MIN_RECORDS_PER_HOSPITAL, create_partitioner,
 from fedpriv.errors import DataError
 
 __all__ = [
+    "Canary",
     "FederatedSplit",
     "HospitalSplit",
     "make_split",
@@ -38,10 +39,24 @@ class HospitalSplit:
         return int(self.train.size + self.held_out.size)
 
 
+@dataclasses.dataclass(frozen=True)
+class Canary:
+    """A mislabelled copy of record ``index`` planted at ``hospital`` if ``included``."""
+
+    index: int
+    hospital: int
+    label: int
+    included: bool
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FederatedSplit:
     hospitals: tuple[HospitalSplit, ...]
     test: np.ndarray
+    canaries: tuple[Canary, ...] = ()
+
+    def canaries_of(self, hospital: int) -> list[Canary]:
+        return [c for c in self.canaries if c.hospital == hospital and c.included]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +70,7 @@ class FederatedSplit:
                 for k, h in enumerate(self.hospitals)
             ],
             "test": self.test.tolist(),
+            "canaries": [dataclasses.asdict(c) for c in self.canaries],
         }
 
     @classmethod
@@ -69,9 +85,18 @@ class FederatedSplit:
                 for h in data["hospitals"]
             )
             test = np.asarray(data["test"], dtype=np.int64)
+            canaries = tuple(
+                Canary(
+                    index=int(c["index"]),
+                    hospital=int(c["hospital"]),
+                    label=int(c["label"]),
+                    included=bool(c["included"]),
+                )
+                for c in data.get("canaries", [])
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"partitions.json is malformed: {exc}") from None
-        return cls(hospitals=hospitals, test=test)
+        return cls(hospitals=hospitals, test=test, canaries=canaries)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json())
@@ -87,7 +112,14 @@ def make_split(
     classes_per_hospital: int = 2,
     held_out_fraction: float = 0.2,
     test_fraction: float = 0.2,
+    canaries: int = 0,
 ) -> FederatedSplit:
+    """Test split, then canary sources (if any), then the hospitals' shares of the rest.
+
+    Canaries (Steinke et al.'s one-run audit) are records taken out of everyone's data,
+    given a wrong label and planted at a hospital with probability 1/2 each; they are never
+    held out or tested on, so no accuracy figure counts them.
+    """
     rng = np.random.default_rng(seed)
     n = len(dataset)
     if dataset.test_indices is not None:
@@ -95,6 +127,18 @@ def make_split(
     else:
         test = _stratified_sample(dataset.labels, test_fraction, rng)
     pool = np.setdiff1d(np.arange(n, dtype=np.int64), test, assume_unique=True)
+    canary_sources = np.empty(0, dtype=np.int64)
+    if canaries:
+        if dataset.num_classes < 2:
+            raise DataError("canaries need at least two classes to mislabel")
+        if canaries > pool.size // 2:
+            raise DataError(
+                f"{canaries} canaries would take more than half of the {pool.size} records: "
+                "use fewer --canaries"
+            )
+        canary_rng = np.random.default_rng([seed, 0xCA1A])
+        canary_sources = np.sort(canary_rng.choice(pool, size=canaries, replace=False))
+        pool = np.setdiff1d(pool, canary_sources, assume_unique=True)
     needed = num_hospitals * MIN_RECORDS_PER_HOSPITAL
     if pool.size < needed:
         raise DataError(
@@ -131,7 +175,21 @@ def make_split(
                 held_out=np.sort(records[:n_held]),
             )
         )
-    return FederatedSplit(hospitals=tuple(hospitals), test=test)
+    planted = []
+    if canaries:
+        canary_rng = np.random.default_rng([seed, 0xCA1A, 1])
+        for j, index in enumerate(canary_sources):
+            true = int(dataset.labels[index])
+            wrong = (true + int(canary_rng.integers(1, dataset.num_classes))) % dataset.num_classes
+            planted.append(
+                Canary(
+                    index=int(index),
+                    hospital=j % num_hospitals,
+                    label=wrong,
+                    included=bool(canary_rng.integers(0, 2)),
+                )
+            )
+    return FederatedSplit(hospitals=tuple(hospitals), test=test, canaries=tuple(planted))
 
 
 def split_for(config: RunConfig) -> tuple[Dataset, FederatedSplit]:
@@ -148,6 +206,7 @@ def split_for(config: RunConfig) -> tuple[Dataset, FederatedSplit]:
         classes_per_hospital=config.classes_per_hospital,
         held_out_fraction=config.held_out_fraction,
         test_fraction=config.test_fraction,
+        canaries=config.canaries,
     )
     return dataset, split
 

@@ -254,6 +254,7 @@ class PrivateTraining:
     loader: DataLoader
     engine: Any
     mode: str
+    hooks: Any = None
 
     def steps_taken(self) -> int:
         return sum(int(h[2]) for h in self.engine.accountant.history)
@@ -263,7 +264,8 @@ class PrivateTraining:
         return {"mechanism": state.get("mechanism"), "history": [list(h) for h in state["history"]]}
 
     def close(self) -> None:
-        cleanup = getattr(self.model, "cleanup", None)
+        """Remove Opacus's hooks from the model, so it can be trained (or wrapped) again."""
+        cleanup = getattr(self.hooks, "cleanup", None)
         if callable(cleanup):
             cleanup()
 
@@ -317,4 +319,5 @@ def make_private(
         loader=dp_loader,
         engine=engine,
         mode=grad_sample_mode,
+        hooks=hooks,
     )

@@ -382,6 +382,16 @@ def serve(
                 final = ArrayRecord(
                     {k: Array(np.asarray(v)) for k, v in checkpoint.weights.items()}
                 )
+    if config.audit and outcome.last_round > 0 and len(final):
+        from fedpriv.server.audit import federated_audit
+
+        audit = federated_audit(grid, final, order, timeout=config.round_timeout)
+        plan.run_dir.write_json("federated_audit.json", audit)
+        logger.info(
+            "federated LOSS audit: AUC %.3f over %d hospitals",
+            audit["auc"],
+            len(audit["per_hospital"]),
+        )
     final_weights = plaintext(final) if len(final) else None
     if final_weights is not None:
         plan.run_dir.save_model(final_weights)
