@@ -1,6 +1,6 @@
 """Attack metrics at several epsilons and without DP, and what an audit costs.
 
-    python benchmarks/audit_table.py --datasets breast-cancer digits --epsilons 1 4 8 --reference-models 4 8
+    python benchmarks/audit_table.py --epsilons 1 4 8 --reference-models 4 8
 
 5 hospitals, 20 rounds, held-out fraction 0.5 (so there are enough non-members to resolve a
 1 % FPR); each run is audited with every attack at each K. Audit time is reported beside the

@@ -539,6 +539,66 @@ def keys_decrypt_model(
     _guard(run)
 
 
+# ---- certs -----------------------------------------------------------------------------
+
+certs_app = typer.Typer(
+    help="TLS certificates and SuperNode keys for a deployment.", no_args_is_help=True
+)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Annotated[Path, typer.Option(help="directory for the CA, certificates and keys")],
+    host: Annotated[
+        list[str], typer.Option(help="a name or IP the hospitals use for the SuperLink (repeat)")
+    ],
+    hospital: Annotated[
+        list[str], typer.Option(help="a hospital that gets a SuperNode key pair (repeat)")
+    ],
+    days: Annotated[int, typer.Option(help="validity of the certificates")] = 365,
+) -> None:
+    """Create the federation's CA, the SuperLink's TLS certificate and SuperNode key pairs."""
+
+    def run() -> None:
+        from fedpriv.certs import init_certs
+
+        files = init_certs(out, hosts=host, hospitals=hospital, days=days)
+        console.print(f"CA              {files.ca_certificate}  (give to every hospital)")
+        console.print(f"CA key          {files.ca_key}  (keep offline)")
+        console.print(f"SuperLink       {files.superlink_certificate}, {files.superlink_key}")
+        for name, (private, public) in files.supernode_keys.items():
+            console.print(
+                f"{name:<15} {private}  (to the hospital only), {public}  (register it)",
+                highlight=False,
+            )
+
+    _guard(run)
+
+
+# ---- site ------------------------------------------------------------------------------
+
+site_app = typer.Typer(
+    help="A hospital's own settings (its SuperNode's node config).", no_args_is_help=True
+)
+app.add_typer(site_app, name="site")
+
+
+@site_app.command("check")
+def site_check(
+    settings: Annotated[Path, typer.Argument(help="the site's settings, e.g. site.toml")],
+) -> None:
+    """Check a hospital's settings before starting its SuperNode (data, ledger, key, device)."""
+
+    def run() -> None:
+        from fedpriv.client.site import check_site, load_site_file
+
+        for line in check_site(load_site_file(settings)):
+            console.print(f"[green]ok[/]  {line}", highlight=False)
+
+    _guard(run)
+
+
 # ---- budget ----------------------------------------------------------------------------
 
 

@@ -94,9 +94,13 @@ class RunConfig:
     device: str = "auto"
     gpus_per_hospital: float = 0.0
     cpus_per_hospital: float = 1.0
+    # deployment: the hospitals hold their own data (node config data-path); the server
+    # learns the model's input shape and classes from them before round 1
+    deployment: bool = False
     # output
     out: str = "runs"
     run_name: str = ""
+    resume: str = ""
 
     def __post_init__(self) -> None:
         _check(self.hospitals >= 1, "hospitals must be at least 1")

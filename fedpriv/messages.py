@@ -52,7 +52,13 @@ MODE = "update-mode"
 MODE_WEIGHTS = "weights"
 MODE_GRADIENT = "gradient"
 AUDIT_THRESHOLDS = "audit-loss-thresholds"
-PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE, AUDIT_THRESHOLDS})
+QUERY = "query"  # which query a QUERY message is
+QUERY_SCHEMA = "schema"
+QUERY_AUDIT = "audit"
+SCHEMA = "schema"  # ConfigRecord of a schema reply
+SCHEMA_SHAPE = "input-shape"
+SCHEMA_CLASSES = "num-classes"
+PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE, AUDIT_THRESHOLDS, QUERY})
 
 # MetricRecord keys of a hospital's federated-audit reply (counts only, never scores)
 AUDIT_MEMBERS_LE = "members-at-or-below"
@@ -100,6 +106,7 @@ def parse_order(record: Mapping[str, Any]) -> TrainingOrder:
         server_round = int(values.pop(SERVER_ROUND, 0))
         mode = str(values.pop(MODE, MODE_WEIGHTS))
         values.pop(AUDIT_THRESHOLDS, None)
+        values.pop(QUERY, None)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"malformed training order from the server: {exc}") from None
     if mode not in (MODE_WEIGHTS, MODE_GRADIENT):

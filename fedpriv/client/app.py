@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -15,6 +17,7 @@ from fedpriv.client.hospital import (
     he_context,
     local_data,
     privacy_state,
+    site_settings,
     train_round,
 )
 
@@ -38,10 +41,27 @@ def _hospital_record(
     return record
 
 
+def _order(message: Message, context: Context) -> msg.TrainingOrder:
+    """The server's order, with this site's own choices applied (its device)."""
+    order = msg.parse_order(message.content.config_records[msg.CONFIG])
+    site = site_settings(context.node_config)
+    if site is not None and site.device != order.config.device:
+        order = dataclasses.replace(order, config=order.config.replace(device=site.device))
+    return order
+
+
 @app.train()
 def handle_train(message: Message, context: Context) -> Message:
-    order = msg.parse_order(message.content.config_records[msg.CONFIG])
+    order = _order(message, context)
     data = local_data(order.config, context.node_config)
+    site = site_settings(context.node_config)
+    if site is not None and site.require_dp and not order.config.sample_level_dp:
+        reason = (
+            f"{data.name} declines the round: it trains only with sample-level DP "
+            "(require-dp = true in its site settings)"
+        )
+        content = RecordDict({msg.HOSPITAL: _hospital_record(data, msg.STATUS_DECLINED, reason)})
+        return Message(content=content, reply_to=message)
     saved = context.state.config_records.get(STATE_DP)
     accountant_state = json.loads(str(saved[STATE_ACCOUNTANT])) if saved else None
     result = train_round(
@@ -80,7 +100,7 @@ def handle_train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def handle_evaluate(message: Message, context: Context) -> Message:
-    order = msg.parse_order(message.content.config_records[msg.CONFIG])
+    order = _order(message, context)
     data = local_data(order.config, context.node_config)
     stats = evaluate_round(
         order,
@@ -100,12 +120,13 @@ def handle_evaluate(message: Message, context: Context) -> Message:
 
 
 @app.query()
-def handle_audit(message: Message, context: Context) -> Message:
-    """The federated membership-inference audit: aggregate counts only."""
-    import numpy as np
-
+def handle_query(message: Message, context: Context) -> Message:
+    """Queries: the data schema (deployments, before round 1) and the federated
+    membership-inference audit (aggregate counts only)."""
     record = message.content.config_records[msg.CONFIG]
-    order = msg.parse_order(record)
+    if record.get(msg.QUERY) == msg.QUERY_SCHEMA:
+        return _schema_reply(message, context)
+    order = _order(message, context)
     thresholds = np.asarray(record[msg.AUDIT_THRESHOLDS], dtype=np.float64)
     data = local_data(order.config, context.node_config)
     counts = audit_counts(
@@ -116,4 +137,23 @@ def handle_audit(message: Message, context: Context) -> Message:
         context=he_context(order.config, context.node_config),
     )
     content = RecordDict({msg.METRICS: MetricRecord(counts), msg.HOSPITAL: _hospital_record(data)})
+    return Message(content=content, reply_to=message)
+
+
+def _schema_reply(message: Message, context: Context) -> Message:
+    """What the model must fit (feature shape, classes): no record, no statistic of one."""
+    from fedpriv.config import RunConfig
+
+    record = message.content.config_records[msg.CONFIG]
+    known = {k.replace("_", "-") for k in RunConfig.__dataclass_fields__}
+    config = RunConfig.from_mapping({k: v for k, v in record.items() if k in known})
+    data = local_data(config, context.node_config)
+    labels = np.concatenate([data.train_labels, data.held_out_labels])
+    schema = ConfigRecord(
+        {
+            msg.SCHEMA_SHAPE: [int(d) for d in data.train_features.shape[1:]],
+            msg.SCHEMA_CLASSES: int(labels.max()) + 1,
+        }
+    )
+    content = RecordDict({msg.SCHEMA: schema, msg.HOSPITAL: _hospital_record(data)})
     return Message(content=content, reply_to=message)

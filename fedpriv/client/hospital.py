@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import time
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedpriv import messages as msg
+from fedpriv.client.site import DATA_PATH, SiteSettings
 from fedpriv.config import RunConfig
 from fedpriv.data import split_for
 from fedpriv.errors import ConfigError, FedprivError
@@ -53,6 +55,7 @@ from fedpriv.training import (
 )
 
 __all__ = [
+    "DATA_PATH",
     "HospitalData",
     "PrivacyState",
     "RoundResult",
@@ -126,12 +129,57 @@ def _simulated_split(config: RunConfig) -> Any:
     return split_for(config)
 
 
+@functools.lru_cache(maxsize=4)
+def _site_data(
+    path: str, label_column: str, name: str, seed: int, held_out_fraction: float
+) -> HospitalData:
+    from fedpriv.data import load_dataset
+    from fedpriv.errors import DataError
+
+    try:
+        dataset = load_dataset(path, label_column=label_column)
+    except DataError as exc:
+        raise ConfigError(f"node config: 'data-path': {exc}") from None
+    if len(dataset) < 2:
+        raise ConfigError(f"node config: 'data-path' holds {len(dataset)} record(s), need >= 2")
+    index = zlib.crc32(name.encode()) % 10_000
+    order = np.random.default_rng([seed, index]).permutation(len(dataset))
+    n_held = min(max(1, round(len(dataset) * held_out_fraction)), len(dataset) - 1)
+    held, train = np.sort(order[:n_held]), np.sort(order[n_held:])
+    return HospitalData(
+        name=name,
+        index=index,
+        train_features=dataset.features[train],
+        train_labels=dataset.labels[train],
+        held_out_features=dataset.features[held],
+        held_out_labels=dataset.labels[held],
+    )
+
+
+def site_settings(node_config: Mapping[str, Any]) -> SiteSettings | None:
+    """A real site's settings, or None for a simulated hospital."""
+    if DATA_PATH not in node_config:
+        return None
+    return SiteSettings.from_node_config(node_config)
+
+
 def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalData:
-    """This hospital's records: in simulation, its partition of the shared dataset."""
+    """This hospital's records: a real site's own file (node config ``data-path``), split
+    into training and held-out records by the run's seed; or, in simulation, its partition
+    of the shared dataset."""
+    site = site_settings(node_config)
+    if site is not None:
+        return _site_data(
+            str(site.data_path),
+            site.label_column,
+            site.hospital_name,
+            config.seed,
+            config.held_out_fraction,
+        )
     if PARTITION_ID not in node_config:
         raise ConfigError(
-            "this SuperNode's node config has no 'partition-id': start it with "
-            "--node-config 'partition-id=0 num-partitions=N'"
+            "node config: neither 'data-path' (a real site) nor 'partition-id' (a simulated "
+            "hospital) is set: see deploy/site.example.toml"
         )
     index = int(node_config[PARTITION_ID])
     dataset, split = _simulated_split(config)
@@ -158,6 +206,14 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
 
 def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: str) -> PrivacyState:
     """The ledger and cap: a real site's own node config wins over the run's settings."""
+    site = site_settings(node_config)
+    if site is not None:
+        if site.ledger_path is None:
+            raise ConfigError(
+                "node config: 'ledger-path' is missing: this hospital cannot account DP "
+                "without its privacy ledger"
+            )
+        return PrivacyState(ledger_path=site.ledger_path, budget_epsilon=site.budget_epsilon)
     if LEDGER_PATH in node_config:
         path = Path(str(node_config[LEDGER_PATH])).expanduser()
     else:

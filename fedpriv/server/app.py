@@ -31,7 +31,11 @@ def main(grid: Grid, context: Context) -> None:
             'DIR/public.ctx and the hospitals DIR/secret.ctx, and set keys = "DIR"'
         )
     # Under HE this server cannot read the model, so it cannot score a central test split.
-    plan = prepare_run(config, central=config.central_eval and not config.he)
+    plan = prepare_run(
+        config,
+        resume_dir=config.resume or None,
+        central=config.central_eval and not config.he and not config.deployment,
+    )
     with flower_logging(plan.run_dir, quiet=False):
         logger.info("run directory: %s", plan.run_dir.path.resolve())
         outcome = serve(grid, plan)

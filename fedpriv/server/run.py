@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv import messages as msg
@@ -28,6 +28,7 @@ from fedpriv.server.rundir import FLOWER_LOG, Checkpoint, RunDirectory, new_run_
 from fedpriv.strategies import Aggregator, PlainAggregator, create_strategy
 from fedpriv.strategies.ckks import CIPHERTEXT, CkksAggregator, array_to_numpy
 from fedpriv.strategies.client_dp import ClientLevelDpAggregator
+from fedpriv.strategies.fedavg import hospital_name
 from fedpriv.training import evaluate, make_loader, resolve_device, set_weights
 
 __all__ = [
@@ -174,6 +175,8 @@ def prepare_run(
     central: bool = True,
 ) -> RunPlan:
     """Validate, split the data, create (or reopen) the run directory; start nothing yet."""
+    if config.deployment:
+        return _prepare_deployment(config, resume_dir=resume_dir)
     if resume_dir is not None:
         run_dir = RunDirectory.open(resume_dir)
         saved, model_name, model_args = run_dir.read_config()
@@ -225,6 +228,106 @@ def prepare_run(
         resume=checkpoint,
         notices=tuple(notices),
     )
+
+
+def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> RunPlan:
+    """A real federation: the server holds no data, so no split, no central test, and the
+    model is resolved from the hospitals' schemas once they connect."""
+    from fedpriv.strategies import available_strategies, is_stock
+
+    if config.strategy not in available_strategies():
+        raise ConfigError(
+            f"unknown strategy '{config.strategy}': use one of {', '.join(available_strategies())}"
+        )
+    if config.he and is_stock(config.strategy):
+        raise ConfigError("he = true needs strategy fedavg or fedsgd")
+    if config.he and config.client_level_dp:
+        raise ConfigError("client-level DP needs a server that sees updates: not with he = true")
+    notices = _check_dp_settings(config)
+    if resume_dir is not None:
+        run_dir = RunDirectory.open(resume_dir)
+        saved, model_name, model_args = run_dir.read_config()
+        config = saved.replace(rounds=max(config.rounds, saved.rounds))
+        checkpoint = run_dir.load_checkpoint()
+        run_dir.keep_metrics_through(checkpoint.round if checkpoint else 0)
+        run_dir.write_config(config, model_name=model_name, model_args=model_args)
+        return RunPlan(
+            config=config,
+            model_name=model_name,
+            model_args=model_args,
+            run_dir=run_dir,
+            central=None,
+            resume=checkpoint,
+            notices=tuple(notices),
+        )
+    name = config.run_name or new_run_name()
+    run_dir = RunDirectory.create(Path(config.out) / name)
+    config = config.replace(
+        run_name=name,
+        out=str(Path(config.out).resolve()),
+        keys=str(Path(config.keys).resolve()) if config.keys else "",
+    )
+    run_dir.write_config(config, model_name="", model_args={})
+    return RunPlan(
+        config=config,
+        model_name="",
+        model_args={},
+        run_dir=run_dir,
+        central=None,
+        notices=tuple(notices),
+    )
+
+
+def _check_dp_settings(config: RunConfig) -> list[str]:
+    if not config.dp:
+        return [
+            "DP is OFF: hospitals that require DP (the default) will decline every round, the "
+            "others' records are unprotected"
+        ]
+    return []
+
+
+def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
+    """Ask every connected hospital for its data schema; all must agree on the features."""
+    content = RecordDict(
+        {msg.CONFIG: ConfigRecord({**plan.config.to_mapping(), msg.QUERY: msg.QUERY_SCHEMA})}
+    )
+    messages = [
+        Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
+        for node in sorted(grid.get_node_ids())
+    ]
+    shapes: dict[str, tuple[int, ...]] = {}
+    classes = 0
+    errors = []
+    for reply in grid.send_and_receive(messages, timeout=plan.config.round_timeout):
+        if reply.has_error():
+            errors.append(str(reply.error.reason).strip().splitlines()[-1][:300])
+            continue
+        record = reply.content.config_records[msg.SCHEMA]
+        shape = tuple(int(d) for d in record[msg.SCHEMA_SHAPE])  # type: ignore[union-attr]
+        shapes[hospital_name(reply.content)] = shape
+        classes = max(classes, int(record[msg.SCHEMA_CLASSES]))  # type: ignore[arg-type]
+    for error in errors:
+        logger.warning("a hospital could not describe its data: %s", error)
+    if not shapes:
+        raise ConfigError(
+            "no hospital could describe its data: " + ("; ".join(errors) or "none connected")
+        )
+    if len(set(shapes.values())) > 1:
+        raise ConfigError(f"the hospitals' data have different feature shapes: {shapes}")
+    shape = next(iter(shapes.values()))
+    kind = "image" if len(shape) == 3 else "tabular"
+    model_name, model_args = default_model(
+        kind=kind,
+        input_shape=shape,
+        num_classes=classes,
+        name=plan.config.model,
+        width=plan.config.model_width,
+    )
+    build(model_name, **model_args)
+    plan.run_dir.write_config(plan.config, model_name=model_name, model_args=model_args)
+    logger.info("model %s %s from %d hospitals' schemas", model_name, model_args, len(shapes))
+    return dataclasses.replace(plan, model_name=model_name, model_args=model_args)
 
 
 def _central_evaluator(
@@ -294,6 +397,9 @@ def serve(
 
     config = plan.config
     outcome = outcome if outcome is not None else ServeOutcome()
+    if not plan.model_name:  # a deployment: the hospitals say what the model must fit
+        wait_for_hospitals(grid, config.hospitals, NODE_WAIT_SECONDS)
+        plan = resolve_model_from_hospitals(grid, plan)
     if hasattr(grid, "pull_interval"):
         # Flower's in-memory grid (simulation) polls for replies every 0.1 s by default
         # (its documented constructor argument); at ~0.1 s of training per round that

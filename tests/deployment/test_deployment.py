@@ -1,0 +1,116 @@
+"""fedpriv on Flower's deployment engine: real SuperLink and SuperNode processes on 127.0.0.1,
+TLS and SuperNode authentication on, DP and HE on."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedpriv.cli import app
+from fedpriv.models import build
+from fedpriv.privacy.ledger import Ledger
+from tests.deployment.conftest import HOSPITALS
+from tests.deployment.federation import Federation
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _run_config(kit: dict[str, Any], name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "deployment": True,
+        "hospitals": len(HOSPITALS),
+        "rounds": 2,
+        "he": True,
+        "keys": str(kit["base"] / "he"),
+        "out": str(kit["base"] / "runs"),
+        "run-name": name,
+        "epsilon": 3.0,
+        **extra,
+    }
+
+
+def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, Any]) -> None:
+    started = time.monotonic()
+    run_id = federation.submit(_run_config(kit, "secure", audit=True))
+    status = federation.wait_run(run_id, 400)
+    seconds = time.monotonic() - started
+    assert status["status"] == "finished:completed", (status, federation.log("superlink")[-3000:])
+    run = kit["base"] / "runs" / "secure"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert set(rows[-1]["hospitals"]) == set(HOSPITALS)
+    assert rows[-1]["test_accuracy"] is None, "the server holds no data to test on"
+    # every site's own ledger shows its spend, and the server only learnt what they reported
+    for hospital in HOSPITALS:
+        (spend,) = Ledger.open(kit["sites"][hospital]["ledger-path"], create=False).summary()
+        assert spend.rounds == 2 and 0 < spend.epsilon <= 3.0
+        assert rows[-1]["epsilon"][hospital] == pytest.approx(spend.epsilon)
+    budget = CliRunner().invoke(
+        app, ["budget", "--ledger", kit["sites"]["st-mary"]["ledger-path"], "--json"]
+    )
+    assert json.loads(budget.output)[0]["rounds"] == 2
+    # the server kept only ciphertext; a hospital decrypts the final model
+    assert not (run / "model.pt").exists() and (run / "model.ckks.npz").exists()
+    decrypted = CliRunner().invoke(
+        app, ["keys", "decrypt-model", str(run), "--secret", str(kit["base"] / "he" / "secret.ctx")]
+    )
+    assert decrypted.exit_code == 0, decrypted.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "mlp" and config["model-args"]["in_features"] == 30
+    model = build(config["model"], **config["model-args"])
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    he = json.loads((run / "he.json").read_text())["rounds"]
+    assert all(r["rejected"] == [] and r["hospitals"] == 3 for r in he)
+    federated = json.loads((run / "federated_audit.json").read_text())
+    assert set(federated["per_hospital"]) == set(HOSPITALS) and 0 <= federated["auc"] <= 1
+    traffic = status.get("network-traffic")
+    (kit["base"] / "secure-timing.json").write_text(
+        json.dumps({"seconds": seconds, "network_traffic": traffic, "rounds": 2})
+    )
+
+
+def test_an_unregistered_supernode_is_refused(federation: Federation, kit: dict[str, Any]) -> None:
+    process = federation.start_supernode("intruder", kit["sites"]["st-mary"], max_wait=20)
+    assert process.wait(timeout=90) != 0
+    assert "Failed to activate SuperNode" in federation.log("supernode-intruder")
+
+
+def test_a_supernode_without_the_ca_cannot_connect(
+    federation: Federation, kit: dict[str, Any]
+) -> None:
+    process = federation.start_supernode(
+        "county", kit["sites"]["county"], root_certificates=False, max_wait=20, label="no-ca"
+    )
+    assert process.wait(timeout=90) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in federation.log("supernode-no-ca")
+
+
+def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
+    federation: Federation, kit: dict[str, Any]
+) -> None:
+    run_id = federation.submit(_run_config(kit, "dropout", rounds=2, he=False))
+    run = kit["base"] / "runs" / "dropout"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().strip():
+            break
+        time.sleep(1.0)
+    federation.kill("supernode-university")
+    status = federation.wait_run(run_id, 500)
+    assert status["status"] == "finished:completed", status
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert "university" in rows[0]["hospitals"]
+    later = rows[1:]
+    assert all(
+        len([h for h in r["hospitals"] if "train_examples" in r["hospitals"][h]]) >= 2
+        for r in later
+    )
+    assert any(r["failed"] for r in later), "the dropout is logged in metrics.jsonl"
+    assert all("university" not in r["hospitals"] for r in rows[2:])

@@ -1,0 +1,106 @@
+"""The site kit (deploy/) agrees with the code: image names, ports, node-config keys, file
+names. No Docker engine runs on the CI machine, so this is checked by reading the files."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import flwr
+import pytest
+import yaml
+
+import fedpriv
+from fedpriv.client.site import SITE_KEYS, SiteSettings, load_site_file
+from fedpriv.privacy.he import PUBLIC_FILE, SECRET_FILE
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+IMAGES = {f"fedpriv/superlink:{fedpriv.__version__}", f"fedpriv/supernode:{fedpriv.__version__}"}
+
+
+def _node_config(text: str) -> dict[str, Any]:
+    """Parse Flower's 'key=value key=value' node config (TOML values)."""
+    return tomllib.loads("\n".join(shlex.split(text, posix=False)))
+
+
+def _flag(args: list[str], name: str) -> str:
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+        if arg == name:
+            return args[i + 1]
+    raise AssertionError(f"{name} not in {args}")
+
+
+def test_dockerfiles_build_on_this_flower_and_tag_the_images_the_kit_uses() -> None:
+    for role in ("superlink", "supernode"):
+        text = (DEPLOY / f"{role}.Dockerfile").read_text()
+        assert f"FROM flwr/{role}:{flwr.__version__}" in text
+        assert f"-t fedpriv/{role}:{fedpriv.__version__}" in text
+        makefile_torch = re.search(r"TORCH \?= (\S+)", (ROOT / "Makefile").read_text())
+        assert makefile_torch and makefile_torch.group(1) in text
+
+
+def test_compose_pilot_matches_the_code() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    superlink_cmd = (DEPLOY / "superlink.Dockerfile").read_text()
+    port = re.search(r'"--port", "(\d+)"', superlink_cmd).group(1)  # type: ignore[union-attr]
+    assert services["superlink"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert {s["image"] for s in services.values()} == IMAGES
+    hospitals = [name for name in services if name != "superlink"]
+    assert len(hospitals) == 3
+    for name in hospitals:
+        args = services[name]["command"]
+        assert _flag(args, "--superlink") == f"superlink:{port}"
+        config = _node_config(args[args.index("--node-config") + 1])
+        assert set(config) <= set(SITE_KEYS)
+        site = SiteSettings.from_node_config(config)
+        assert site.hospital_name == name and site.require_dp
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        # every path the node config names is mounted, from the file the tools write
+        assert str(site.data_path.parent) in mounts
+        assert str(site.ledger_path.parent) in mounts  # type: ignore[union-attr]
+        assert mounts[str(site.he_secret_context)].endswith(f"he/{SECRET_FILE}")
+        assert mounts[_flag(args, "--auth-supernode-private-key")].endswith(f"supernodes/{name}")
+        assert mounts[_flag(args, "--root-certificates")].endswith("certs/ca.crt")
+    link_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["superlink"]["volumes"]}
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        target = re.search(rf'"{flag}", "([^"]+)"', superlink_cmd).group(1)  # type: ignore[union-attr]
+        assert target in link_mounts
+    assert link_mounts[f"/secrets/{PUBLIC_FILE}"].endswith(f"he/{PUBLIC_FILE}")
+
+
+@pytest.mark.parametrize("manifest", ["coordinator.yaml", "hospital.yaml"])
+def test_kubernetes_manifests_match_the_code(manifest: str) -> None:
+    documents = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / manifest).read_text()) if d]
+    kinds = {d["kind"] for d in documents}
+    assert "Deployment" in kinds
+    superlink_cmd = (DEPLOY / "superlink.Dockerfile").read_text()
+    port = int(re.search(r'"--port", "(\d+)"', superlink_cmd).group(1))  # type: ignore[union-attr]
+    for document in documents:
+        if document["kind"] == "Deployment":
+            (container,) = document["spec"]["template"]["spec"]["containers"]
+            assert container["image"] in IMAGES
+            if manifest == "coordinator.yaml":
+                assert int(_flag(container["args"], "--port")) == port
+                assert container["ports"][0]["containerPort"] == port
+            else:
+                assert _flag(container["args"], "--superlink").endswith(f":{port}")
+        if document["kind"] == "Service":
+            assert document["spec"]["ports"][0]["port"] == port
+        if document["kind"] == "ConfigMap":
+            config = _node_config(document["data"]["node-config"])
+            assert set(config) <= set(SITE_KEYS)
+            SiteSettings.from_node_config(config)
+
+
+def test_the_example_site_settings_are_valid_keys() -> None:
+    settings = load_site_file(DEPLOY / "site.example.toml")
+    assert set(settings) == set(SITE_KEYS)
+    site = SiteSettings.from_node_config(settings)
+    assert site.require_dp and site.budget_epsilon > 0
