@@ -56,14 +56,18 @@ def wait_for_hospitals(grid: Grid, count: int, timeout: float) -> int:
 
 
 def _split_replies(
-    replies: Iterable[Message],
+    replies: Iterable[Message], sent: dict[str, int] | None = None
 ) -> tuple[list[Message], dict[str, str], dict[str, str]]:
+    """Successful replies, declines and failures. ``sent`` maps the message ids sent to
+    their destination node: an error reply may come from the SuperLink itself (e.g. "node
+    unavailable" for a hospital that dropped out), and should name the node it was for."""
     ok: list[Message] = []
     declined: dict[str, str] = {}
     failed: dict[str, str] = {}
     for reply in replies:
         if reply.has_error():
-            who = f"node {reply.metadata.src_node_id}"
+            node = (sent or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            who = f"node {node}"
             failed[who] = str(reply.error.reason).strip().splitlines()[-1][:500]
             continue
         status = reply.content.config_records.get(msg.HOSPITAL, ConfigRecord()).get(
@@ -75,6 +79,12 @@ def _split_replies(
         else:
             ok.append(reply)
     return ok, declined, failed
+
+
+def _destinations(messages: Iterable[Message]) -> dict[str, int]:
+    return {
+        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
+    }
 
 
 def _privacy_reports(replies: Iterable[Message]) -> dict[str, dict[str, Any]]:
@@ -131,11 +141,11 @@ def run_rounds(
     for server_round in range(first_round, last_round + 1):
         started = time.perf_counter()
         logger.info("[ROUND %d/%d]", server_round, last_round)
-        train_messages = strategy.configure_train(
-            server_round, arrays, ConfigRecord(dict(train_config)), grid
+        train_messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
         )
         replies = list(grid.send_and_receive(train_messages, timeout=timeout))
-        ok, declined, failed = _split_replies(replies)
+        ok, declined, failed = _split_replies(replies, _destinations(train_messages))
         privacy = _privacy_reports(replies)
         for who, reason in declined.items():
             logger.warning("round %d: %s declined: %s", server_round, who, reason)
@@ -154,11 +164,13 @@ def run_rounds(
         arrays = new_arrays
         hospitals = _per_hospital(ok, "train_examples")
 
-        eval_messages = strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+        eval_messages = list(
+            strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+            )
         )
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
-        eval_ok, _, eval_failed = _split_replies(eval_replies)
+        eval_ok, _, eval_failed = _split_replies(eval_replies, _destinations(eval_messages))
         for who, reason in eval_failed.items():
             logger.warning("round %d: evaluation at %s failed: %s", server_round, who, reason)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)

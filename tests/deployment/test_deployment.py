@@ -105,12 +105,10 @@ def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
     status = federation.wait_run(run_id, 500)
     assert status["status"] == "finished:completed", status
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     assert "university" in rows[0]["hospitals"]
-    later = rows[1:]
-    assert all(
-        len([h for h in r["hospitals"] if "train_examples" in r["hospitals"][h]]) >= 2
-        for r in later
-    )
-    assert any(r["failed"] for r in later), "the dropout is logged in metrics.jsonl"
-    assert all("university" not in r["hospitals"] for r in rows[2:])
+    # round 2 went on with the two others, and records the dropout
+    trained = sorted(h for h, e in rows[1]["hospitals"].items() if "train_examples" in e)
+    assert trained == ["county", "st-mary"]
+    assert rows[1]["failed"], "the dropout is logged in metrics.jsonl"
+    assert any("unavailable" in reason.lower() for reason in rows[1]["failed"].values())
