@@ -281,16 +281,20 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
             )
         result = run_plan(plan, on_round=on_round)
     _print_summary(result)
-    if config.audit and result.rows:
+    if result.stopped:
+        err_console.print(f"[yellow]run stopped early:[/] {result.stopped}", highlight=False)
+        if not result.rows:
+            err_console.print(
+                f"[bold red]no round completed;[/] see {result.run_dir / 'flower.log'}",
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_RUN_FAILED)
+    if config.audit:
         _run_audit(result.run_dir, reference_models=config.reference_models)
     else:
         from fedpriv.report import build_report
 
-        build_report(result.run_dir)
-    if result.stopped:
-        err_console.print(f"[yellow]run stopped early:[/] {result.stopped}", highlight=False)
-        if not result.rows:
-            raise typer.Exit(EXIT_RUN_FAILED)
+        console.print(f"report: {build_report(result.run_dir)}", highlight=False)
 
 
 def _fmt(value: Any) -> str:
@@ -298,6 +302,8 @@ def _fmt(value: Any) -> str:
 
 
 def _print_summary(result: Any) -> None:
+    if not result.rows:
+        return
     final = result.final
     table = Table(title=f"Run {result.run_dir.name}: {result.last_round} rounds", show_lines=False)
     table.add_column("hospital")
