@@ -45,11 +45,20 @@ class FederationStopped(Exception):
     """Too few hospitals are left to go on; the run ends cleanly with what it has."""
 
 
-def wait_for_hospitals(grid: Grid, count: int, timeout: float) -> int:
-    """Block until ``count`` hospitals are connected (or ``timeout`` passes); returns how many."""
-    deadline = time.monotonic() + timeout
+def wait_for_hospitals(
+    grid: Grid, count: int, timeout: float, *, minimum: int | None = None, grace: float = 10.0
+) -> int:
+    """Block until ``count`` hospitals are connected, or until ``timeout`` passes; once
+    ``minimum`` are connected, wait at most ``grace`` more seconds for the others (a
+    hospital that dropped out must not hold everyone back). Returns how many connected."""
+    started = time.monotonic()
+    enough_since: float | None = None
     connected = len(list(grid.get_node_ids()))
-    while connected < count and time.monotonic() < deadline:
+    while connected < count and time.monotonic() - started < timeout:
+        if minimum is not None and connected >= minimum:
+            enough_since = enough_since or time.monotonic()
+            if time.monotonic() - enough_since >= grace:
+                break
         time.sleep(0.2)
         connected = len(list(grid.get_node_ids()))
     return connected

@@ -398,7 +398,12 @@ def serve(
     config = plan.config
     outcome = outcome if outcome is not None else ServeOutcome()
     if not plan.model_name:  # a deployment: the hospitals say what the model must fit
-        wait_for_hospitals(grid, config.hospitals, NODE_WAIT_SECONDS)
+        wait_for_hospitals(
+            grid,
+            config.hospitals,
+            NODE_WAIT_SECONDS,
+            minimum=min(config.min_hospitals, config.hospitals),
+        )
         plan = resolve_model_from_hospitals(grid, plan)
     if hasattr(grid, "pull_interval"):
         # Flower's in-memory grid (simulation) polls for replies every 0.1 s by default
@@ -432,7 +437,12 @@ def serve(
     order = ConfigRecord(
         msg.order_record(config, model_name=plan.model_name, model_args=plan.model_args)
     )
-    connected = wait_for_hospitals(grid, config.hospitals, NODE_WAIT_SECONDS)
+    connected = wait_for_hospitals(
+        grid,
+        config.hospitals,
+        NODE_WAIT_SECONDS,
+        minimum=min(config.min_hospitals, config.hospitals),
+    )
     if connected < config.hospitals:
         logger.warning(
             "only %d of %d hospitals connected; starting without the others",
