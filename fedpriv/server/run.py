@@ -90,13 +90,23 @@ def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, A
 
 
 def _check_run(config: RunConfig) -> None:
+    _check_strategy(config)
+    resolve_device(config.device)
+    if config.sample_level_dp and config.epsilon > config.budget_epsilon:
+        raise ConfigError(
+            f"--epsilon {config.epsilon:g} is more than the hospitals' budget cap "
+            f"--budget-epsilon {config.budget_epsilon:g}: the run could not finish"
+        )
+
+
+def _check_strategy(config: RunConfig) -> None:
+    """What strategy, HE and client-level DP allow together (simulation and deployment)."""
     from fedpriv.strategies import available_strategies, is_stock
 
     if config.strategy not in available_strategies():
         raise ConfigError(
             f"unknown strategy '{config.strategy}': use one of {', '.join(available_strategies())}"
         )
-    resolve_device(config.device)
     if config.client_level_dp and is_stock(config.strategy):
         raise ConfigError(
             f"--dp-level {config.dp_level} clips hospitals' updates inside fedpriv's own "
@@ -111,11 +121,6 @@ def _check_run(config: RunConfig) -> None:
         raise ConfigError(
             f"--dp-level {config.dp_level} clips each hospital's update at the server, which "
             "cannot see updates under --he: use --dp-level sample with --he"
-        )
-    if config.sample_level_dp and config.epsilon > config.budget_epsilon:
-        raise ConfigError(
-            f"--epsilon {config.epsilon:g} is more than the hospitals' budget cap "
-            f"--budget-epsilon {config.budget_epsilon:g}: the run could not finish"
         )
 
 
@@ -204,15 +209,7 @@ def prepare_run(
         model_name, model_args = resolve_model(config, dataset)
         model_args, notices = _check_model(config, model_name, model_args)
         notices += _check_dp(config, split)
-        name = config.run_name or new_run_name()
-        run_dir = RunDirectory.create(Path(config.out) / name)
-        # absolute paths: hospitals' processes may run in another directory
-        config = config.replace(
-            run_name=name,
-            out=str(Path(config.out).resolve()),
-            ledger_dir=str(Path(config.ledger_dir).resolve()) if config.ledger_dir else "",
-            keys=str(Path(config.keys).resolve()) if config.keys else "",
-        )
+        config, run_dir = _new_run_directory(config)
         run_dir.write_config(config, model_name=model_name, model_args=model_args)
         run_dir.write_partitions(split)
         checkpoint = None
@@ -230,19 +227,24 @@ def prepare_run(
     )
 
 
+def _new_run_directory(config: RunConfig) -> tuple[RunConfig, RunDirectory]:
+    """Create the run directory; record absolute paths (hospitals' and the server's
+    processes may run in other working directories)."""
+    name = config.run_name or new_run_name()
+    run_dir = RunDirectory.create(Path(config.out) / name)
+    config = config.replace(
+        run_name=name,
+        out=str(Path(config.out).resolve()),
+        ledger_dir=str(Path(config.ledger_dir).resolve()) if config.ledger_dir else "",
+        keys=str(Path(config.keys).resolve()) if config.keys else "",
+    )
+    return config, run_dir
+
+
 def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> RunPlan:
     """A real federation: the server holds no data, so no split, no central test, and the
     model is resolved from the hospitals' schemas once they connect."""
-    from fedpriv.strategies import available_strategies, is_stock
-
-    if config.strategy not in available_strategies():
-        raise ConfigError(
-            f"unknown strategy '{config.strategy}': use one of {', '.join(available_strategies())}"
-        )
-    if config.he and is_stock(config.strategy):
-        raise ConfigError("he = true needs strategy fedavg or fedsgd")
-    if config.he and config.client_level_dp:
-        raise ConfigError("client-level DP needs a server that sees updates: not with he = true")
+    _check_strategy(config)
     notices = _check_dp_settings(config)
     if resume_dir is not None:
         run_dir = RunDirectory.open(resume_dir)
@@ -260,13 +262,7 @@ def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> 
             resume=checkpoint,
             notices=tuple(notices),
         )
-    name = config.run_name or new_run_name()
-    run_dir = RunDirectory.create(Path(config.out) / name)
-    config = config.replace(
-        run_name=name,
-        out=str(Path(config.out).resolve()),
-        keys=str(Path(config.keys).resolve()) if config.keys else "",
-    )
+    config, run_dir = _new_run_directory(config)
     run_dir.write_config(config, model_name="", model_args={})
     return RunPlan(
         config=config,

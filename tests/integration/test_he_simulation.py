@@ -19,7 +19,9 @@ from fedpriv.config import RunConfig
 
 @pytest.mark.parametrize(
     ("strategy", "dp"),
-    [("fedavg", False), ("fedavg", True), ("fedsgd", False), ("fedsgd", True)],
+    # FedSGD's encrypted path (the hospital takes the server's step) is the same with or
+    # without DP; FedAvg's is checked both ways
+    [("fedavg", False), ("fedavg", True), ("fedsgd", True)],
 )
 def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, strategy: str, dp: bool) -> None:
     common = {
