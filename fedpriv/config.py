@@ -155,6 +155,10 @@ class RunConfig:
             self.dp_level in DP_LEVELS,
             f"unknown dp-level '{self.dp_level}': use {', '.join(DP_LEVELS)}",
         )
+        _check(
+            self.dp or self.dp_level == "sample",
+            f"--dp-level {self.dp_level} asks for DP but --no-dp switches it off: drop one",
+        )
         _check(self.client_clip_norm > 0, "client-clip-norm must be > 0")
         _check(self.client_noise_multiplier >= 0, "client-noise-multiplier must be >= 0")
         _check(0 < self.client_target_quantile < 1, "client-target-quantile must be in (0, 1)")

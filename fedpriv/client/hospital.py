@@ -87,6 +87,8 @@ class HospitalData:
     train_labels: np.ndarray
     held_out_features: np.ndarray
     held_out_labels: np.ndarray
+    #: where the records come from, as the ledger shows it (a file name or a dataset name)
+    source: str = ""
 
     @functools.cached_property
     def dataset_id(self) -> str:
@@ -153,6 +155,7 @@ def _site_data(
         train_labels=dataset.labels[train],
         held_out_features=dataset.features[held],
         held_out_labels=dataset.labels[held],
+        source=Path(path).name,
     )
 
 
@@ -407,7 +410,7 @@ def train_round(
     try:
         reservation = ledger.reserve(
             dataset_id=data.dataset_id,
-            dataset_name=Path(config.dataset).name,
+            dataset_name=data.source or Path(config.dataset).name,
             hospital=data.name,
             run_id=config.run_name,
             round_=order.server_round,

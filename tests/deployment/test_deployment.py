@@ -49,6 +49,7 @@ def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, A
     for hospital in HOSPITALS:
         (spend,) = Ledger.open(kit["sites"][hospital]["ledger-path"], create=False).summary()
         assert spend.rounds == 2 and 0 < spend.epsilon <= 3.0
+        assert spend.dataset_name == f"{hospital}.csv", "the ledger names the site's own file"
         assert rows[-1]["epsilon"][hospital] == pytest.approx(spend.epsilon)
     budget = CliRunner().invoke(
         app, ["budget", "--ledger", kit["sites"]["st-mary"]["ledger-path"], "--json"]

@@ -50,6 +50,7 @@ def test_kebab_case_and_coercion() -> None:
         ({"rounds": 2.5}, "'rounds' must be an integer"),
         ({"rounds": True}, "'rounds' must be an integer"),
         ({"roundz": 3}, "unknown setting 'roundz' \\(did you mean 'rounds'\\?\\)"),
+        ({"dp": False, "dp-level": "client"}, "--dp-level client asks for DP but --no-dp"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(values: dict, message: str) -> None:
