@@ -95,3 +95,22 @@ def test_resume_continues_from_the_checkpoint(run) -> None:  # type: ignore[no-u
     assert [json.loads(r)["round"] for r in rows] == [1, 2, 3]
     assert resumed.last_round == 3
     assert json.loads((run.run_dir / "config.json").read_text())["rounds"] == 3
+
+
+def test_a_stock_flower_strategy_runs_through_the_same_loop(tmp_path: Path) -> None:
+    config = RunConfig(
+        dataset="breast-cancer",
+        hospitals=3,
+        rounds=2,
+        strategy="fedadam",
+        dp=False,
+        out=str(tmp_path),
+        run_name="fedadam",
+    )
+    result = fedpriv.simulate(config)
+    rows = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["round"] for r in rows] == [1, 2] and not rows[-1]["failed"]
+    assert rows[-1]["test_accuracy"] > 0.6
+    assert (result.run_dir / "model.pt").is_file()
