@@ -1,17 +1,18 @@
-"""CKKS homomorphic encryption (TenSEAL): key files, and a flat parameter vector packed into
-ciphertexts that the server can only add.
+"""CKKS homomorphic encryption (TenSEAL's contexts, SEAL's API through ``tenseal.sealapi``):
+key files, and a flat parameter vector packed into ciphertexts that the server can only add.
 
 Threat model: an honest-but-curious server. The hospitals share one secret key; the server
 holds a context without it, which can neither decrypt nor encrypt. Additions only (depth 0),
 so there are no Galois or relinearisation keys to ship, and a two-prime modulus is enough.
 
-Parameters (measured, see BENCHMARKS.md): N = 4096 (2048 slots per ciphertext), moduli
-[60, 40] bits (100 bits, within SEAL's 128-bit-security limit of 109 for N = 4096), scale
-2^40, symmetric encryption (8x less noise and 2x faster than public-key encryption, and the
-server's context then cannot even encrypt).
+Parameters (measured, see BENCHMARKS.md): N = 4096 (2048 complex slots per ciphertext, two
+values packed in each, so 4096 values per ciphertext), moduli [60, 40] bits (100 bits, within
+SEAL's 128-bit-security limit of 109 for N = 4096), scale 2^40, symmetric encryption (8x less
+noise and 2x faster than public-key encryption, and the server's context then cannot even
+encrypt).
 
-What a hospital encrypts is ``(n_k / 1000) * w_k`` followed by one more slot holding
-``n_k / 1000``: the server's sum then carries the plaintext total in its last slot, and a
+What a hospital encrypts is ``(n_k / 1000) * w_k`` followed by one more value holding
+``n_k / 1000``: the server's sum then carries the plaintext total in its last value, and a
 hospital that decrypts checks it against the total ``N`` the server reports. A contribution
 under a foreign key adds silently in CKKS and decrypts to noise of order 1e8, so this check
 is what catches it. The 1/1000 keeps sums far below CKKS's overflow (about 5e5 at scale 2^40)
@@ -23,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
+import math
 import os
+import struct
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,10 +68,26 @@ class HeParams:
 
     @property
     def slots(self) -> int:
+        """Complex slots per ciphertext; each carries two values (real and imaginary part)."""
         return self.poly_modulus_degree // 2
 
-    def ciphertexts_for(self, length: int) -> int:
-        return -(-length // self.slots)
+    @property
+    def values_per_ciphertext(self) -> int:
+        return 2 * self.slots
+
+    def ciphertexts_for(self, values: int) -> int:
+        return -(-values // self.values_per_ciphertext)
+
+
+@dataclasses.dataclass
+class _Seal:
+    """SEAL objects of one context, built once (TenSEAL's wrappers hold the keys)."""
+
+    context: Any
+    encoder: Any
+    evaluator: Any
+    encryptor: Any = None
+    decryptor: Any = None
 
 
 class CkksContext:
@@ -80,9 +99,27 @@ class CkksContext:
         self.params = params
         self.kind = kind
 
+        self._seal: _Seal | None = None
+
     @property
     def can_decrypt(self) -> bool:
         return bool(self.context.has_secret_key())
+
+    def seal(self) -> _Seal:
+        if self._seal is None:
+            sealapi = _sealapi()
+            seal_context = self.context.seal_context().data
+            bundle = _Seal(
+                context=seal_context,
+                encoder=sealapi.CKKSEncoder(seal_context),
+                evaluator=sealapi.Evaluator(seal_context),
+            )
+            if self.can_decrypt:
+                secret_key = self.context.secret_key().data
+                bundle.encryptor = sealapi.Encryptor(seal_context, secret_key)
+                bundle.decryptor = sealapi.Decryptor(seal_context, secret_key)
+            self._seal = bundle
+        return self._seal
 
 
 def _tenseal() -> Any:
@@ -230,19 +267,119 @@ class Layout:
         return out
 
 
+# ---- the ciphertext container ---------------------------------------------------------------
+#
+# A contribution or a sum travels as one byte string:
+#   b"FPCK" | version (1 byte) | 0 (1 byte) | values (uint32) | ciphertexts (uint32)
+#   | each ciphertext's size (uint32 each) | SEAL's own serialization of each ciphertext
+# Values are packed two per CKKS slot, as the real and imaginary parts of one complex number:
+# addition is componentwise on both, so the server's sum is unchanged, and a ciphertext of
+# N = 4096 carries 4096 values instead of the 2048 a real-only packing (TenSEAL's
+# CKKSVector) gives. That halves upload, download, encryption and the server's work per
+# parameter (measured in BENCHMARKS.md).
+
+CONTAINER_MAGIC = b"FPCK"
+CONTAINER_VERSION = 1
+_HEADER = struct.Struct("<4sBBII")
+_SIZE = struct.Struct("<I")
+
+
+def _pack_container(values: int, ciphertexts: Sequence[bytes]) -> bytes:
+    header = _HEADER.pack(CONTAINER_MAGIC, CONTAINER_VERSION, 0, values, len(ciphertexts))
+    sizes = b"".join(_SIZE.pack(len(c)) for c in ciphertexts)
+    return header + sizes + b"".join(ciphertexts)
+
+
+def _unpack_container(blob: bytes, *, values: int, params: HeParams) -> list[bytes]:
+    """The ciphertexts of a container that must hold ``values`` values; HeError otherwise."""
+    if len(blob) < _HEADER.size:
+        raise HeError("not a fedpriv ciphertext (too short)")
+    magic, version, _, count, n_cts = _HEADER.unpack_from(blob)
+    if magic != CONTAINER_MAGIC or version != CONTAINER_VERSION:
+        raise HeError("not a fedpriv ciphertext (unknown format)")
+    if count != values:
+        raise HeError(f"ciphertext holds {count} values, expected {values}")
+    if n_cts != params.ciphertexts_for(values):
+        raise HeError(
+            f"{n_cts} ciphertexts for {values} values, expected {params.ciphertexts_for(values)}"
+        )
+    offset = _HEADER.size + n_cts * _SIZE.size
+    if len(blob) < offset:
+        raise HeError("ciphertext container is truncated")
+    sizes = [_SIZE.unpack_from(blob, _HEADER.size + i * _SIZE.size)[0] for i in range(n_cts)]
+    if offset + sum(sizes) != len(blob):
+        raise HeError(
+            f"ciphertext container is {len(blob)} bytes, its header says {offset + sum(sizes)}"
+        )
+    parts = []
+    for size in sizes:
+        parts.append(blob[offset : offset + size])
+        offset += size
+    return parts
+
+
+class _Scratch:
+    """SEAL's Python binding reads and writes ciphertexts only through file paths: one
+    private scratch file, in memory (/dev/shm) where the system has it."""
+
+    def __init__(self) -> None:
+        shm = Path("/dev/shm")
+        where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+        fd, self.path = tempfile.mkstemp(prefix="fedpriv-ckks-", dir=where)
+        os.close(fd)
+
+    def __enter__(self) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def save(self, ciphertext: Any) -> bytes:
+        ciphertext.save(self.path)
+        with open(self.path, "rb") as handle:
+            return handle.read()
+
+    def load(self, seal_context: Any, blob: bytes) -> Any:
+        with open(self.path, "wb") as handle:
+            handle.write(blob)
+        ciphertext = _sealapi().Ciphertext()
+        ciphertext.load(seal_context, self.path)
+        return ciphertext
+
+
+def _sealapi() -> Any:
+    import tenseal.sealapi
+
+    return tenseal.sealapi
+
+
 # ---- hospitals -------------------------------------------------------------------------------
 
 
 def encrypt_contribution(context: CkksContext, vector: np.ndarray, num_examples: int) -> bytes:
-    """``encrypt((n_k / 1000) * vector ++ [n_k / 1000])`` as one serialized blob."""
+    """``encrypt((n_k / 1000) * vector ++ [n_k / 1000])`` as one serialized container."""
     if not context.can_decrypt:
         raise HeError("encrypting needs the hospitals' secret context")
     weight = num_examples / WEIGHT_UNIT
     payload = np.concatenate([np.asarray(vector, dtype=np.float64) * weight, [weight]])
-    ts = _tenseal()
-    with contextlib.redirect_stdout(io.StringIO()):  # TenSEAL prints a note when it splits
-        encrypted = ts.ckks_vector(context.context, payload)
-    return bytes(encrypted.serialize())
+    values = payload.size
+    if values % 2:
+        payload = np.append(payload, 0.0)
+    packed = payload[0::2] + 1j * payload[1::2]
+    seal = context.seal()
+    slots = context.params.slots
+    scale = 2.0**context.params.scale_bits
+    sealapi = _sealapi()
+    blobs = []
+    with _Scratch() as scratch:
+        for start in range(0, packed.size, slots):
+            plain = sealapi.Plaintext()
+            seal.encoder.encode(packed[start : start + slots].tolist(), scale, plain)
+            cipher = sealapi.Ciphertext()
+            seal.encryptor.encrypt_symmetric(plain, cipher)
+            blobs.append(scratch.save(cipher))
+    return _pack_container(values, blobs)
 
 
 def decrypt_sum(
@@ -250,21 +387,32 @@ def decrypt_sum(
 ) -> np.ndarray:
     """The example-weighted mean of the hospitals' vectors, from the server's encrypted sum.
 
-    Checks the sum's last slot against the plaintext total: a contribution under another
+    Checks the sum's last value against the plaintext total: a contribution under another
     key (or a corrupted sum) fails here instead of silently poisoning the model.
     """
     if not context.can_decrypt:
         raise HeError("decrypting needs the hospitals' secret context")
-    ts = _tenseal()
     try:
-        encrypted = ts.ckks_vector_from(context.context, blob)
-    except (ValueError, RuntimeError) as exc:
-        raise HeError(f"the global model's ciphertext is unreadable: {exc}") from None
-    if encrypted.size() != length + 1:
-        raise HeError(
-            f"the global model's ciphertext holds {encrypted.size()} values, expected {length + 1}"
-        )
-    values = np.asarray(encrypted.decrypt(), dtype=np.float64)
+        parts = _unpack_container(blob, values=length + 1, params=context.params)
+    except HeError as exc:
+        raise HeError(f"the global model's ciphertext is unusable: {exc}") from None
+    seal = context.seal()
+    sealapi = _sealapi()
+    decoded = []
+    with _Scratch() as scratch:
+        for part in parts:
+            try:
+                cipher = scratch.load(seal.context, part)
+            except (ValueError, RuntimeError) as exc:
+                raise HeError(f"the global model's ciphertext is unreadable: {exc}") from None
+            plain = sealapi.Plaintext()
+            seal.decryptor.decrypt(cipher, plain)
+            decoded.append(np.asarray(seal.encoder.decode_complex(plain), dtype=np.complex128))
+    packed = np.concatenate(decoded)
+    values = np.empty(2 * packed.size, dtype=np.float64)
+    values[0::2] = packed.real
+    values[1::2] = packed.imag
+    values = values[: length + 1]
     total = total_examples / WEIGHT_UNIT
     if total <= 0 or not abs(values[-1] - total) <= 1e-6 * max(1.0, total):
         raise HeError(
@@ -287,42 +435,43 @@ class Rejection:
 def sum_ciphertexts(
     context: CkksContext, blobs: Sequence[bytes], *, length: int
 ) -> tuple[bytes | None, list[Rejection]]:
-    """Add the hospitals' ciphertexts (each holding ``length + 1`` values).
+    """Add the hospitals' ciphertexts (each container holding ``length + 1`` values).
 
-    Every blob is deserialized and checked before anything is added, so a malformed,
-    truncated or mis-sized one is rejected alone and cannot corrupt the sum.
+    Every ciphertext of a contribution is loaded and checked (parameters, level, scale, size)
+    before anything is added, so a malformed, truncated, mis-sized or mis-scaled one is
+    rejected alone and the additions that follow cannot fail half-way through a sum.
     """
-    ts = _tenseal()
-    loaded = []
+    seal = context.seal()
+    expected_parms = seal.context.first_parms_id()
+    scale = 2.0**context.params.scale_bits
     rejected: list[Rejection] = []
-    for index, blob in enumerate(blobs):
-        try:
-            vector = ts.ckks_vector_from(context.context, blob)
-        except (ValueError, RuntimeError, TypeError) as exc:
-            rejected.append(Rejection(index, f"unreadable ciphertext ({exc})"))
-            continue
-        if vector.size() != length + 1:
-            rejected.append(
-                Rejection(index, f"ciphertext holds {vector.size()} values, expected {length + 1}")
-            )
-            continue
-        loaded.append((index, vector))
-    total = None
-    while loaded and total is None:
-        base_index, base = loaded[0]
-        failed = []
-        for index, vector in loaded[1:]:
+    total: list[Any] | None = None
+    with _Scratch() as scratch:
+        for index, blob in enumerate(blobs):
             try:
-                base += vector  # in place; never CKKSVector.copy() (it re-serializes the context)
-            except (ValueError, RuntimeError) as exc:  # e.g. a different CKKS scale
-                failed.append((index, vector, str(exc)))
-        if failed and len(failed) == len(loaded) - 1:
-            # nothing would add to the first one: it is the odd one out, start over without it
-            rejected.append(Rejection(base_index, "cannot be added to the others"))
-            loaded = [(i, v) for i, v, _ in failed]
-            continue
-        rejected.extend(Rejection(i, f"cannot be added ({reason})") for i, _, reason in failed)
-        total = base
-    if total is None:
-        return None, rejected
-    return bytes(total.serialize()), rejected
+                parts = _unpack_container(blob, values=length + 1, params=context.params)
+                ciphers = [_checked(scratch, seal.context, p, expected_parms, scale) for p in parts]
+            except HeError as exc:
+                rejected.append(Rejection(index, str(exc)))
+                continue
+            if total is None:
+                total = ciphers
+            else:
+                for accumulated, cipher in zip(total, ciphers, strict=True):
+                    seal.evaluator.add_inplace(accumulated, cipher)
+        if total is None:
+            return None, rejected
+        summed = [scratch.save(c) for c in total]
+    return _pack_container(length + 1, summed), rejected
+
+
+def _checked(scratch: _Scratch, seal_context: Any, blob: bytes, parms: Any, scale: float) -> Any:
+    try:
+        cipher = scratch.load(seal_context, blob)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise HeError(f"unreadable ciphertext ({exc})") from None
+    if list(cipher.parms_id()) != list(parms) or cipher.size() != 2 or not cipher.is_ntt_form():
+        raise HeError("ciphertext is not a fresh encryption under this federation's parameters")
+    if cipher.scale != scale:
+        raise HeError(f"ciphertext has scale {cipher.scale:g}, expected 2^{int(math.log2(scale))}")
+    return cipher

@@ -25,7 +25,8 @@ CIPHERTEXT = "ckks-ciphertext"
 FINGERPRINT = "ckks-fingerprint"
 TOTAL = "ckks-total-examples"
 #: Flower Array serialization type for raw ciphertext bytes: the Array's data *is* the
-#: TenSEAL serialization (chunked in transit like any array), no numpy wrapping or copies
+#: ciphertext container of ``fedpriv.privacy.he`` (chunked in transit like any array), no
+#: numpy wrapping or copies
 STYPE = "fedpriv.ckks"
 
 

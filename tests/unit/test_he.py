@@ -37,18 +37,18 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def _record(blob: bytes, fingerprint: str) -> ArrayRecord:
+    return ArrayRecord(
+        {
+            CIPHERTEXT: Array(np.frombuffer(blob, dtype=np.uint8).copy()),
+            FINGERPRINT: encode_text(fingerprint),
+        }
+    )
+
+
 def _contribution(secret, vector: np.ndarray, n: int, name: str = "h") -> Contribution:  # type: ignore[no-untyped-def]
     blob = encrypt_contribution(secret, vector, n)
-    return Contribution(
-        name,
-        ArrayRecord(
-            {
-                CIPHERTEXT: Array(np.frombuffer(blob, dtype=np.uint8).copy()),
-                FINGERPRINT: encode_text(secret.fingerprint),
-            }
-        ),
-        n,
-    )
+    return Contribution(name, _record(blob, secret.fingerprint), n)
 
 
 def _decrypt(secret, result: ArrayRecord, length: int) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -60,7 +60,7 @@ def _decrypt(secret, result: ArrayRecord, length: int) -> np.ndarray:  # type: i
     )
 
 
-@pytest.mark.parametrize("length", [10, 2047, 2048, 2049, 6274, 20_000])
+@pytest.mark.parametrize("length", [10, 2047, 2048, 4095, 4096, 6274, 20_000])
 def test_decrypted_aggregate_equals_the_weighted_average(keys: Path, length: int) -> None:
     secret = load_context(keys / SECRET_FILE, role="hospital")
     server = load_context(keys / PUBLIC_FILE, role="server")
@@ -85,14 +85,60 @@ def test_the_server_context_cannot_decrypt_or_encrypt(keys: Path) -> None:
     server = load_context(keys / PUBLIC_FILE, role="server")
     assert not server.context.has_secret_key() and not server.context.is_private()
     assert not server.can_decrypt
-    secret = load_context(keys / SECRET_FILE, role="hospital")
-    blob = encrypt_contribution(secret, np.ones(5), 10)
+    # no secret key to decrypt with and (symmetric scheme) no public key to encrypt with
     with pytest.raises(ValueError):
-        ts.ckks_vector_from(server.context, blob).decrypt()
+        server.context.secret_key()
+    with pytest.raises(ValueError):
+        server.context.public_key()
     with pytest.raises(ValueError):
         ts.ckks_vector(server.context, [1.0, 2.0])
-    with pytest.raises(HeError):
+    assert server.seal().encryptor is None and server.seal().decryptor is None
+    secret = load_context(keys / SECRET_FILE, role="hospital")
+    blob = encrypt_contribution(secret, np.ones(5), 10)
+    with pytest.raises(HeError, match="secret context"):
         decrypt_sum(server, blob, length=5, total_examples=10)
+    with pytest.raises(HeError, match="secret context"):
+        encrypt_contribution(server, np.ones(5), 10)
+
+
+def test_two_values_per_slot_keep_the_upload_near_4x_float32(keys: Path) -> None:
+    secret = load_context(keys / SECRET_FILE, role="hospital")
+    length = 40_959  # with the count, 40,960 values: exactly 10 full ciphertexts
+    blob = encrypt_contribution(secret, np.zeros(length), 10)
+    # each ciphertext: 2 polynomials x 4096 coefficients x 8 bytes, for 4096 values
+    assert len(blob) / (4 * length) < 4.02
+
+
+def test_a_ciphertext_at_another_scale_is_rejected_before_anything_is_added(keys: Path) -> None:
+    import tenseal.sealapi as sealapi
+
+    from fedpriv.privacy.he import _pack_container, _Scratch
+
+    secret = load_context(keys / SECRET_FILE, role="hospital")
+    server = load_context(keys / PUBLIC_FILE, role="server")
+    length = 5000  # two ciphertexts: the odd one is the second
+    honest = encrypt_contribution(secret, np.ones(length), 10)
+    seal = secret.seal()
+    parts = []
+    with _Scratch() as scratch:
+        for scale in (2.0**40, 2.0**30):
+            plain = sealapi.Plaintext()
+            seal.encoder.encode([complex(1, 1)] * 2048, scale, plain)
+            cipher = sealapi.Ciphertext()
+            seal.encryptor.encrypt_symmetric(plain, cipher)
+            parts.append(scratch.save(cipher))
+    odd = _pack_container(length + 1, parts)
+    aggregator = CkksAggregator(context=server, length=length)
+    result = aggregator.aggregate(
+        [
+            Contribution("odd", _record(odd, secret.fingerprint), 10),
+            Contribution("honest", _record(honest, secret.fingerprint), 10),
+        ]
+    )
+    assert result is not None
+    assert [name for name, _ in aggregator.rejected] == ["odd"]
+    assert "scale" in aggregator.rejected[0][1]
+    np.testing.assert_allclose(_decrypt(secret, result, length), np.ones(length), atol=1e-6)
 
 
 def test_the_server_refuses_a_context_with_the_secret_key(keys: Path) -> None:
