@@ -11,6 +11,7 @@ from typing import Any
 
 from fedpriv.config import RunConfig
 from fedpriv.errors import DeviceError
+from fedpriv.server.pump import event_driven_pump
 from fedpriv.server.run import (
     RoundCallback,
     RunPlan,
@@ -155,7 +156,11 @@ def run_plan(
     config = plan.config
     outcome = ServeOutcome()
     server_app = build_server_app(plan, on_round=on_round, outcome=outcome)
-    with flower_logging(plan.run_dir, quiet=quiet), warnings.catch_warnings():
+    with (
+        flower_logging(plan.run_dir, quiet=quiet),
+        warnings.catch_warnings(),
+        event_driven_pump(),
+    ):
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         logger.info("run directory: %s", plan.run_dir.path.resolve())
