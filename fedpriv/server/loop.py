@@ -69,11 +69,14 @@ def _split_replies(
 ) -> tuple[list[Message], dict[str, str], dict[str, str]]:
     """Successful replies, declines and failures. ``sent`` maps the message ids sent to
     their destination node: an error reply may come from the SuperLink itself (e.g. "node
-    unavailable" for a hospital that dropped out), and should name the node it was for."""
+    unavailable" for a hospital that dropped out), and should name the node it was for; a
+    message with no reply at all (the round timed out first) is a failure too."""
     ok: list[Message] = []
     declined: dict[str, str] = {}
     failed: dict[str, str] = {}
+    answered: set[str] = set()
     for reply in replies:
+        answered.add(reply.metadata.reply_to_message_id)
         if reply.has_error():
             node = (sent or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             who = f"node {node}"
@@ -87,6 +90,9 @@ def _split_replies(
             declined[hospital_name(reply.content)] = str(record.get(msg.REASON, ""))
         else:
             ok.append(reply)
+    for message_id, node in (sent or {}).items():
+        if message_id not in answered:
+            failed[f"node {node}"] = "no reply before the round timeout (round-timeout)"
     return ok, declined, failed
 
 
