@@ -102,11 +102,9 @@ def handle_train(message: Message, context: Context) -> Message:
 def handle_evaluate(message: Message, context: Context) -> Message:
     order = _order(message, context)
     data = local_data(order.config, context.node_config)
-    stats = evaluate_round(
-        order,
-        data,
-        message.content.array_records[msg.ARRAYS],
-        context=he_context(order.config, context.node_config),
+    he = he_context(order.config, context.node_config)
+    stats, decrypt_seconds = evaluate_round(
+        order, data, message.content.array_records[msg.ARRAYS], context=he
     )
     metrics = MetricRecord(
         {
@@ -115,6 +113,8 @@ def handle_evaluate(message: Message, context: Context) -> Message:
             msg.NUM_EXAMPLES: stats.num_examples,
         }
     )
+    if he is not None:
+        metrics["he-decrypt-seconds"] = float(decrypt_seconds)
     content = RecordDict({msg.METRICS: metrics, msg.HOSPITAL: _hospital_record(data)})
     return Message(content=content, reply_to=message)
 

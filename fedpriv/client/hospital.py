@@ -583,11 +583,15 @@ def evaluate_round(
     arrays: ArrayRecord,
     *,
     context: CkksContext | None = None,
-) -> EvalStats:
-    """The global model on this hospital's held-out records (decrypted first under HE)."""
+) -> tuple[EvalStats, float]:
+    """The global model on this hospital's held-out records (decrypted first under HE), and
+    the seconds spent decrypting it (this is where a round's aggregate is decrypted; the
+    next round's training finds it already decrypted)."""
     device = resolve_device(order.config.device)
-    model = GlobalModel(order, arrays, context).model(order)
+    current = GlobalModel(order, arrays, context)
+    model = current.model(order)
     loader = make_loader(
         data.held_out_features, data.held_out_labels, batch_size=1024, shuffle=False
     )
-    return evaluate(model, loader, criterion=torch.nn.CrossEntropyLoss(), device=device)
+    stats = evaluate(model, loader, criterion=torch.nn.CrossEntropyLoss(), device=device)
+    return stats, current.decrypt_seconds

@@ -629,7 +629,13 @@ class HeLog:
         aggregate = len(result.arrays[CIPHERTEXT].data) if CIPHERTEXT in result.arrays else 0
         evaluated = sum(1 for h in result.hospitals.values() if "num_examples" in h)
         encrypt = [float(h.get("he_encrypt_seconds", 0.0)) for h in trained]
-        decrypt = [float(h.get("he_decrypt_seconds", 0.0)) for h in trained]
+        # a hospital decrypts each aggregate once, when it evaluates it (its evaluation
+        # figure replaces its training reply's, which found the model already decrypted)
+        decrypt = [
+            float(h["he_decrypt_seconds"])
+            for h in result.hospitals.values()
+            if "he_decrypt_seconds" in h
+        ]
         entry = {
             "round": result.round,
             "parameters": self.layout.size,

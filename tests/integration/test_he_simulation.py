@@ -49,6 +49,11 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, strategy: str, 
     for entry in he:
         assert entry["rejected"] == [] and entry["hospitals"] == 3
         assert entry["bytes_up_per_param"] > 4 and entry["server_aggregate_seconds"] > 0
+        assert entry["client_encrypt_seconds_mean"] > 0
+    # each hospital reports the time it spent decrypting the aggregate it evaluated
+    for row in encrypted.rows:
+        assert all(h["he_decrypt_seconds"] >= 0 for h in row["hospitals"].values())
+        assert len(row["hospitals"]) == 3
     # what the server kept between rounds is ciphertext, not a model
     checkpoint = torch.load(encrypted.run_dir / "checkpoint.pt", weights_only=True)
     assert set(checkpoint["state_dict"]) == {
