@@ -261,15 +261,21 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     raise ConfigError(f"setting '{key}' must be a string (got {raw!r})")
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a run-config TOML file: top-level keys, or a [tool.flwr.app.config] table."""
+def read_toml(path: str | Path, *, what: str) -> dict[str, Any]:
+    """A TOML file's contents; ConfigError naming ``what`` the file is if it is missing or
+    not TOML."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file '{file}' does not exist")
+        raise ConfigError(f"{what} '{file}' does not exist")
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        return tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file '{file}' is not valid TOML: {exc}") from None
+        raise ConfigError(f"{what} '{file}' is not valid TOML: {exc}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run-config TOML file: top-level keys, or a [tool.flwr.app.config] table."""
+    data = read_toml(path, what="config file")
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     if isinstance(table, dict):
         return table

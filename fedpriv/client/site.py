@@ -9,12 +9,11 @@ them. Every problem names the key to fix.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedpriv.config import DEVICES
+from fedpriv.config import DEVICES, read_toml
 from fedpriv.errors import ConfigError
 
 __all__ = ["SITE_KEYS", "SiteSettings", "check_site", "load_site_file"]
@@ -89,12 +88,7 @@ class SiteSettings:
 
 def load_site_file(path: str | Path) -> dict[str, Any]:
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"site settings file '{file}' does not exist")
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"'{file}' is not valid TOML: {exc}") from None
+    data = read_toml(file, what="site settings file")
     unknown = sorted(set(data) - set(SITE_KEYS))
     if unknown:
         raise ConfigError(

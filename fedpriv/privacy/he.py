@@ -402,9 +402,9 @@ def decrypt_sum(
     with _Scratch() as scratch:
         for part in parts:
             try:
-                cipher = scratch.load(seal.context, part)
-            except (ValueError, RuntimeError) as exc:
-                raise HeError(f"the global model's ciphertext is unreadable: {exc}") from None
+                cipher = _checked(scratch, context, part)
+            except HeError as exc:
+                raise HeError(f"the global model's ciphertext is unusable: {exc}") from None
             plain = sealapi.Plaintext()
             seal.decryptor.decrypt(cipher, plain)
             decoded.append(np.asarray(seal.encoder.decode_complex(plain), dtype=np.complex128))
@@ -442,15 +442,13 @@ def sum_ciphertexts(
     rejected alone and the additions that follow cannot fail half-way through a sum.
     """
     seal = context.seal()
-    expected_parms = seal.context.first_parms_id()
-    scale = 2.0**context.params.scale_bits
     rejected: list[Rejection] = []
     total: list[Any] | None = None
     with _Scratch() as scratch:
         for index, blob in enumerate(blobs):
             try:
                 parts = _unpack_container(blob, values=length + 1, params=context.params)
-                ciphers = [_checked(scratch, seal.context, p, expected_parms, scale) for p in parts]
+                ciphers = [_checked(scratch, context, p) for p in parts]
             except HeError as exc:
                 rejected.append(Rejection(index, str(exc)))
                 continue
@@ -465,11 +463,16 @@ def sum_ciphertexts(
     return _pack_container(length + 1, summed), rejected
 
 
-def _checked(scratch: _Scratch, seal_context: Any, blob: bytes, parms: Any, scale: float) -> Any:
+def _checked(scratch: _Scratch, context: CkksContext, blob: bytes) -> Any:
+    """One SEAL ciphertext, loaded and checked to be a fresh (or summed) encryption under
+    this context's parameters and scale; HeError otherwise."""
+    seal = context.seal()
+    scale = 2.0**context.params.scale_bits
     try:
-        cipher = scratch.load(seal_context, blob)
+        cipher = scratch.load(seal.context, blob)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise HeError(f"unreadable ciphertext ({exc})") from None
+    parms = seal.context.first_parms_id()
     if list(cipher.parms_id()) != list(parms) or cipher.size() != 2 or not cipher.is_ntt_form():
         raise HeError("ciphertext is not a fresh encryption under this federation's parameters")
     if cipher.scale != scale:

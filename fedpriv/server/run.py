@@ -183,12 +183,7 @@ def prepare_run(
     if config.deployment:
         return _prepare_deployment(config, resume_dir=resume_dir)
     if resume_dir is not None:
-        run_dir = RunDirectory.open(resume_dir)
-        saved, model_name, model_args = run_dir.read_config()
-        if config.rounds < saved.rounds:
-            config = saved
-        else:
-            config = saved.replace(rounds=config.rounds)
+        run_dir, config, model_name, model_args = _reopen(resume_dir, config)
         _check_run(config)
         dataset, split = split_for(config)
         if split.dumps() != run_dir.read_partitions().dumps():
@@ -196,12 +191,7 @@ def prepare_run(
                 f"the data no longer splits as recorded in {run_dir.path}/partitions.json: "
                 "was the dataset file changed?"
             )
-        checkpoint = run_dir.load_checkpoint()
-        if checkpoint is not None:
-            run_dir.keep_metrics_through(checkpoint.round)
-        else:
-            run_dir.keep_metrics_through(0)
-        run_dir.write_config(config, model_name=model_name, model_args=model_args)
+        checkpoint = _restart(run_dir, config, model_name, model_args)
         notices = _check_dp(config, split)
     else:
         _check_run(config)
@@ -227,6 +217,27 @@ def prepare_run(
     )
 
 
+def _reopen(
+    resume_dir: str | Path, config: RunConfig
+) -> tuple[RunDirectory, RunConfig, str, dict[str, Any]]:
+    """A run directory to resume, and its recorded configuration (asked-for more rounds
+    extend it); nothing in it is changed yet."""
+    run_dir = RunDirectory.open(resume_dir)
+    saved, model_name, model_args = run_dir.read_config()
+    return run_dir, saved.replace(rounds=max(config.rounds, saved.rounds)), model_name, model_args
+
+
+def _restart(
+    run_dir: RunDirectory, config: RunConfig, model_name: str, model_args: dict[str, Any]
+) -> Checkpoint | None:
+    """Once the resumed run is checked: its last checkpoint, metrics trimmed to it, the
+    (extended) configuration recorded."""
+    checkpoint = run_dir.load_checkpoint()
+    run_dir.keep_metrics_through(checkpoint.round if checkpoint else 0)
+    run_dir.write_config(config, model_name=model_name, model_args=model_args)
+    return checkpoint
+
+
 def _new_run_directory(config: RunConfig) -> tuple[RunConfig, RunDirectory]:
     """Create the run directory; record absolute paths (hospitals' and the server's
     processes may run in other working directories)."""
@@ -247,12 +258,8 @@ def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> 
     _check_strategy(config)
     notices = _check_dp_settings(config)
     if resume_dir is not None:
-        run_dir = RunDirectory.open(resume_dir)
-        saved, model_name, model_args = run_dir.read_config()
-        config = saved.replace(rounds=max(config.rounds, saved.rounds))
-        checkpoint = run_dir.load_checkpoint()
-        run_dir.keep_metrics_through(checkpoint.round if checkpoint else 0)
-        run_dir.write_config(config, model_name=model_name, model_args=model_args)
+        run_dir, config, model_name, model_args = _reopen(resume_dir, config)
+        checkpoint = _restart(run_dir, config, model_name, model_args)
         return RunPlan(
             config=config,
             model_name=model_name,
