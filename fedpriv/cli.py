@@ -6,6 +6,7 @@ Settings are merged once, here: RunConfig defaults < ``--config FILE.toml`` < fl
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from collections.abc import Callable
@@ -93,6 +94,10 @@ def simulate(
         str | None, typer.Option(help="CSV column naming each record's site (natural)")
     ] = None,
     label_column: Annotated[str | None, typer.Option(help="CSV column with the label")] = None,
+    patient_column: Annotated[
+        str | None,
+        typer.Option(help="CSV column naming each record's patient (the unit of privacy)"),
+    ] = None,
     rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
     strategy: Annotated[
         str | None,
@@ -140,7 +145,11 @@ def simulate(
     ] = None,
     ledger_dir: Annotated[
         str | None,
-        typer.Option(help="persistent directory for the hospitals' ledgers (default: the run)"),
+        typer.Option(help="persistent directory for the hospitals' ledger (default: the run)"),
+    ] = None,
+    min_patients: Annotated[
+        int | None,
+        typer.Option(help="a hospital declines a round with fewer patients under the cap [10]"),
     ] = None,
     dp_level: Annotated[
         str | None, typer.Option(help="sample (DP-SGD), client (server-side), or both")
@@ -191,6 +200,7 @@ def simulate(
         "classes-per-hospital": classes_per_hospital,
         "site-column": site_column,
         "label-column": label_column,
+        "patient-column": patient_column,
         "rounds": rounds,
         "strategy": strategy,
         "server-lr": server_lr,
@@ -211,6 +221,7 @@ def simulate(
         "grad-sample-mode": grad_sample_mode,
         "budget-epsilon": budget_epsilon,
         "ledger-dir": ledger_dir,
+        "min-patients": min_patients,
         "dp-level": dp_level,
         "client-clip-norm": client_clip_norm,
         "client-noise-multiplier": client_noise_multiplier,
@@ -266,8 +277,10 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
             parts = [f"acc {_fmt(row.get('eval_accuracy'))}"]
             if row.get("test_accuracy") is not None:
                 parts.append(f"test {_fmt(row['test_accuracy'])}")
-            if row.get("epsilon"):
-                parts.append(f"ε max {max(row['epsilon'].values()):.2f}")
+            if row.get("unaccounted"):
+                parts.append(f"NO DP accounting from {', '.join(row['unaccounted'])}")
+            elif row.get("epsilon"):
+                parts.append(f"ε ≤ {max(row['epsilon'].values()):.2f}")
             if row.get("declined"):
                 parts.append(f"{len(row['declined'])} declined")
             progress.update(task, completed=row["round"], status="  ".join(parts))
@@ -295,6 +308,17 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
         from fedpriv.report import build_report
 
         console.print(f"report: {build_report(result.run_dir)}", highlight=False)
+
+
+def _read_privacy(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = Path(run_dir) / "privacy.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _fmt(value: Any) -> str:
@@ -346,10 +370,25 @@ def _print_summary(result: Any) -> None:
         )
     console.print(table)
     config = result.config
-    if config.sample_level_dp and epsilons:
+    privacy = _read_privacy(result.run_dir)
+    if config.sample_level_dp and privacy.get("unaccounted"):
+        err_console.print(
+            "[bold red]no DP guarantee:[/] "
+            + str(privacy.get("no_claim_reason", "hospitals trained without DP accounting"))
+            + "; no epsilon is claimed for this run",
+            highlight=False,
+        )
+    elif config.sample_level_dp and privacy.get("max_epsilon") is not None:
+        exact = privacy.get("max_epsilon_exact", False)
+        excluded = sum(
+            int(h.get("excluded_for_budget", 0)) for h in privacy.get("hospitals", {}).values()
+        )
         console.print(
-            f"record-level DP: epsilon {max(epsilons.values()):.2f} at delta {config.delta:g} "
-            f"({config.accountant.upper()} accountant, max over hospitals)",
+            f"patient-level DP: epsilon {'' if exact else '≤ '}{privacy['max_epsilon']:.2f} at "
+            f"delta {privacy.get('delta', config.delta):g} per patient "
+            f"({config.accountant.upper() if exact else 'RDP bound'}, max over hospitals, every "
+            "recorded run composed)"
+            + (f"; {excluded} patient(s) left out for budget" if excluded else ""),
             highlight=False,
         )
     if config.client_level_dp and final.get("client_epsilon") is not None:
@@ -607,56 +646,200 @@ def site_check(
 
 # ---- budget ----------------------------------------------------------------------------
 
+budget_app = typer.Typer(
+    help="What each patient has spent of a site's lifetime privacy budget.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(budget_app, name="budget")
 
-@app.command()
+
+@budget_app.callback(invoke_without_command=True)
 def budget(
+    ctx: typer.Context,
     ledger: Annotated[
-        list[Path] | None, typer.Option("--ledger", help="a hospital's ledger file (repeatable)")
+        list[Path] | None, typer.Option("--ledger", help="a site's ledger file (repeatable)")
     ] = None,
     ledger_dir: Annotated[
         Path | None, typer.Option(help="a directory of ledgers (*.sqlite), e.g. a run's ledgers/")
     ] = None,
+    patient: Annotated[
+        str | None, typer.Option(help="one patient's spend, by the ID in the patient column")
+    ] = None,
+    over: Annotated[
+        float | None, typer.Option(help="count the patients at or over this epsilon [the cap]")
+    ] = None,
+    histogram: Annotated[
+        bool, typer.Option("--histogram", help="how many patients at each level of epsilon")
+    ] = False,
+    exact: Annotated[
+        bool,
+        typer.Option("--exact", help="compute exact epsilons the hospitals did not (slower)"),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Show what each hospital has spent of its privacy budget."""
+    """Show what each site's patients have spent: the largest epsilon of any patient, how
+    many are at or over the cap, and (with --patient) one patient's spend."""
+    if ctx.invoked_subcommand is not None:
+        return
 
     def run() -> None:
         from fedpriv.privacy.ledger import Ledger
 
-        paths = list(ledger or [])
-        if ledger_dir is not None:
-            if not ledger_dir.is_dir():
-                raise ConfigError(f"--ledger-dir '{ledger_dir}' is not a directory")
-            paths += sorted(ledger_dir.glob("*.sqlite"))
-            if not paths:
-                raise ConfigError(f"no ledgers (*.sqlite) in '{ledger_dir}'")
-        if not paths:
-            raise ConfigError("give --ledger PATH or --ledger-dir DIR")
-        rows = [row for path in paths for row in Ledger.open(path, create=False).summary()]
+        paths = _ledger_paths(ledger, ledger_dir)
+        if over is not None and not (over >= 0):
+            raise ConfigError(f"--over must be a number >= 0 (got {over})")
+        payload = []
+        for path in paths:
+            opened = Ledger.open(path, writable=False, need_key=patient is not None)
+            summary = opened.summary(threshold=over, exact=exact)
+            entry: dict[str, Any] = {"summary": summary}
+            if histogram:
+                entry["histogram"] = _histogram(summary)
+            if patient is not None:
+                entry["patient"] = opened.patient(patient, exact=exact)
+            payload.append(entry)
         if as_json:
             import dataclasses
             import json
 
-            payload = [{**dataclasses.asdict(r), "remaining": r.remaining} for r in rows]
-            typer.echo(json.dumps(payload, indent=2))
+            def plain(entry: dict[str, Any]) -> dict[str, Any]:
+                out: dict[str, Any] = {
+                    k: v if isinstance(v, list) else dataclasses.asdict(v) for k, v in entry.items()
+                }
+                out["summary"]["remaining"] = max(
+                    0.0, entry["summary"].budget_epsilon - entry["summary"].max_epsilon
+                )
+                return out
+
+            typer.echo(json.dumps([plain(e) for e in payload], indent=2))
             return
-        table = Table(title="Privacy budget (epsilon composed over every recorded round)")
-        table.add_column("hospital", no_wrap=True)
-        table.add_column("dataset", no_wrap=True)
-        for column in ("runs", "rounds", "epsilon", "delta", "cap", "remaining"):
-            table.add_column(column, justify="right", no_wrap=True)
-        for r in rows:
-            table.add_row(
-                r.hospital,
-                r.dataset_name,
-                str(r.runs),
-                str(r.rounds),
-                f"{r.epsilon:.3f}",
-                f"{r.delta:g}",
-                f"{r.budget_epsilon:.2f}",
-                f"{r.remaining:.3f}",
-            )
-        console.print(table)
+        _print_budget(payload, patient)
+
+    _guard(run)
+
+
+def _ledger_paths(ledger: list[Path] | None, ledger_dir: Path | None) -> list[Path]:
+    paths = list(ledger or [])
+    if ledger_dir is not None:
+        if not ledger_dir.is_dir():
+            raise ConfigError(f"--ledger-dir '{ledger_dir}' is not a directory")
+        found = sorted(ledger_dir.glob("*.sqlite"))
+        if not found:
+            raise ConfigError(f"no ledgers (*.sqlite) in '{ledger_dir}'")
+        paths += found
+    if not paths:
+        raise ConfigError("give --ledger PATH or --ledger-dir DIR")
+    return paths
+
+
+def _histogram(summary: Any, bins: int = 10) -> list[dict[str, Any]]:
+    """Patients per epsilon band, from 0 to the cap (and one band above it)."""
+    cap = summary.budget_epsilon
+    edges = [cap * i / bins for i in range(bins + 1)]
+    rows = []
+    for low, high in itertools.pairwise(edges):
+        count = sum(n for eps, _, n in summary.groups if low <= eps < high)
+        rows.append({"from": low, "to": high, "patients": count})
+    rows.append(
+        {
+            "from": cap,
+            "to": None,
+            "patients": sum(n for eps, _, n in summary.groups if eps >= cap),
+        }
+    )
+    return rows
+
+
+def _print_budget(payload: list[dict[str, Any]], patient: str | None) -> None:
+    table = Table(title="Privacy budget per patient (every recorded round composed)")
+    for column in ("ledger", "hospitals", "patients", "rounds", "runs"):
+        table.add_column(
+            column,
+            no_wrap=column != "hospitals",
+            justify="left" if column in ("ledger", "hospitals") else "right",
+        )
+    for column in ("max patient ε", "at/over", "cap", "delta", "accountant", "identity"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for entry in payload:
+        s = entry["summary"]
+        table.add_row(
+            Path(s.ledger).name,
+            ", ".join(s.hospitals) or "-",
+            str(s.patients),
+            str(s.events),
+            str(s.runs),
+            f"{s.max_epsilon:.3f}" + ("" if s.max_exact else " (≤)"),
+            f"{s.at_or_over} ≥ {s.threshold:g}",
+            f"{s.budget_epsilon:g}",
+            f"{s.delta:g}",
+            s.accountant.upper(),
+            s.identity,
+        )
+    console.print(table)
+    if any(not e["summary"].max_exact for e in payload):
+        console.print(
+            "(≤): an upper bound (RDP); the exact value is computed at a run's last round, or "
+            "with --exact",
+            highlight=False,
+        )
+    for entry in payload:
+        if "histogram" in entry:
+            s = entry["summary"]
+            console.print(f"\n{Path(s.ledger).name}: patients by epsilon", highlight=False)
+            largest = max((b["patients"] for b in entry["histogram"]), default=0) or 1
+            for band in entry["histogram"]:
+                label = (
+                    f"{band['from']:6.2f}-{band['to']:6.2f}"
+                    if band["to"] is not None
+                    else f"{band['from']:6.2f}+      "
+                )
+                bar = "#" * round(40 * band["patients"] / largest)
+                console.print(f"  {label} {band['patients']:>8}  {bar}", highlight=False)
+        if patient is not None:
+            spend = entry["patient"]
+            name = Path(entry["summary"].ledger).name
+            if not spend.known:
+                console.print(f"{name}: patient {patient!r} has no recorded spend", highlight=False)
+            else:
+                console.print(
+                    f"{name}: patient {patient!r}: epsilon {spend.epsilon:.3f}"
+                    f"{'' if spend.exact else ' (upper bound)'} over {spend.events} recorded "
+                    f"rounds; cap {entry['summary'].budget_epsilon:g}",
+                    highlight=False,
+                )
+
+
+@budget_app.command("migrate")
+def budget_migrate(
+    ledger: Annotated[Path, typer.Option("--ledger", help="a ledger written by an older fedpriv")],
+    patient_column: Annotated[
+        str,
+        typer.Option(help="the site's patient column, if its data names one (the identity mode)"),
+    ] = "",
+    delta: Annotated[
+        float | None, typer.Option(help="the ledger's delta [the smallest any run used]")
+    ] = None,
+    budget_epsilon: Annotated[
+        float | None, typer.Option(help="the ledger's cap [the smallest recorded]")
+    ] = None,
+) -> None:
+    """Convert a per-dataset (schema 1) ledger to per-patient accounting, keeping every
+    event (counted against every patient) and a copy of the original."""
+
+    def run() -> None:
+        from fedpriv.privacy.identity import IDENTITY_PATIENT, IDENTITY_RECORD
+        from fedpriv.privacy.ledger import migrate
+
+        identity = f"{IDENTITY_PATIENT}:{patient_column}" if patient_column else IDENTITY_RECORD
+        backup, events = migrate(
+            ledger, identity=identity, delta=delta, budget_epsilon=budget_epsilon
+        )
+        console.print(
+            f"migrated {ledger}: {events} events kept, each counted against every patient "
+            f"(an older ledger did not record which); the original is in {backup}",
+            highlight=False,
+        )
 
     _guard(run)
 

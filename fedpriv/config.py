@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,8 @@ class RunConfig:
     dataset: str = "breast-cancer"
     label_column: str = "label"
     site_column: str = "site"
+    #: CSV column naming each record's patient (the unit of privacy); empty: each record
+    patient_column: str = ""
     hospitals: int = 5
     partition: str = "iid"
     alpha: float = 0.5
@@ -72,6 +75,8 @@ class RunConfig:
     grad_sample_mode: str = "auto"
     budget_epsilon: float = 10.0
     ledger_dir: str = ""
+    #: a hospital declines a round when fewer of its patients than this are under the cap
+    min_patients: int = 10
     fix_model: bool = False
     #: >= 0 makes DP noise and sampling reproducible: INSECURE, for tests and benchmarks
     insecure_dp_seed: int = -1
@@ -150,7 +155,14 @@ class RunConfig:
             f"unknown grad-sample-mode '{self.grad_sample_mode}': use "
             f"{', '.join(GRAD_SAMPLE_MODES)}",
         )
-        _check(self.budget_epsilon > 0, f"budget-epsilon must be > 0 (got {self.budget_epsilon})")
+        _check(
+            math.isfinite(self.budget_epsilon) and self.budget_epsilon > 0,
+            f"budget-epsilon must be a finite number > 0 (got {self.budget_epsilon})",
+        )
+        _check(self.min_patients >= 1, f"min-patients must be at least 1 (got {self.min_patients})")
+        for name in ("epsilon", "delta", "lr", "max_grad_norm", "server_lr", "alpha"):
+            value = getattr(self, name)
+            _check(math.isfinite(value), f"{name.replace('_', '-')} must be finite (got {value})")
         _check(
             self.dp_level in DP_LEVELS,
             f"unknown dp-level '{self.dp_level}': use {', '.join(DP_LEVELS)}",

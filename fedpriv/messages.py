@@ -58,6 +58,8 @@ QUERY_AUDIT = "audit"
 SCHEMA = "schema"  # ConfigRecord of a schema reply
 SCHEMA_SHAPE = "input-shape"
 SCHEMA_CLASSES = "num-classes"
+SCHEMA_LEDGER_DELTA = "ledger-delta"  # the delta a site's ledger composes at (its policy)
+SCHEMA_LEDGER_CAP = "ledger-budget-epsilon"
 PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE, AUDIT_THRESHOLDS, QUERY})
 
 # MetricRecord keys of a hospital's federated-audit reply (counts only, never scores)

@@ -248,6 +248,61 @@ def _audit_section(audit: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _privacy_section(privacy: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Per hospital: the largest epsilon of any of its patients, at the ledger's delta, and
+    the patients left out for budget; no epsilon at all when the run cannot claim one."""
+    if privacy.get("unaccounted"):
+        names = ", ".join(html.escape(str(n)) for n in privacy["unaccounted"])
+        return (
+            "<div class='fail'>No DP guarantee: these hospitals trained without reporting "
+            f"any DP accounting, so no epsilon is claimed for this run: {names}.</div>"
+        )
+    if not privacy.get("dp"):
+        return "<div class='nodp'>Trained without differential privacy.</div>"
+    parts = []
+    epsilon = _epsilon_plot(rows)
+    if epsilon:
+        parts.append(f"<img alt='epsilon per hospital per round' src='{epsilon}'>")
+    cells = "".join(
+        f"<tr><td>{html.escape(h)}</td>"
+        f"<td>{'' if r.get('epsilon_exact', True) else '&le; '}{_fmt(r.get('epsilon'))}</td>"
+        f"<td>{_fmt(r.get('budget_epsilon'))}</td><td>{_fmt_small(r.get('delta'))}</td>"
+        f"<td>{html.escape(str(r.get('accountant', '')).upper())}</td>"
+        f"<td>{_fmt(r.get('patients'))}</td><td>{_fmt(r.get('excluded_for_budget'))}</td>"
+        f"<td>{_fmt(r.get('noise_multiplier'))}</td><td>{_fmt(r.get('sample_rate'), 4)}</td>"
+        f"<td>{html.escape(str(r.get('status', '')))}</td></tr>"
+        for h, r in sorted(privacy.get("hospitals", {}).items())
+    )
+    parts.append(
+        "<table><tr><th>hospital</th><th>largest patient epsilon</th><th>cap</th><th>delta</th>"
+        "<th>accountant</th><th>patients trained</th><th>left out for budget</th>"
+        "<th>noise multiplier</th><th>sample rate</th><th>last round</th></tr>"
+        f"{cells}</table>"
+    )
+    parts.append(
+        "<p class='muted'>Per patient, for life: every round this site's ledger ever recorded "
+        "for a patient is composed, at the ledger's delta. &le;: an upper bound (RDP); the "
+        "exact value is computed at a run's last round.</p>"
+    )
+    if "client_level" in privacy:
+        client = privacy["client_level"]
+        parts.append(
+            f"<p>Hospital-level (client) DP: epsilon {_fmt(client['epsilon'])} at delta "
+            f"{_fmt_small(client['delta'])} over {client['rounds']} rounds.</p>"
+        )
+    return "".join(parts)
+
+
+def _fmt_small(value: Any) -> str:
+    """A probability such as delta: 1e-05, never 0.000."""
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return html.escape(str(value))
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` into the run directory; returns its path."""
     run = Path(run_dir)
@@ -275,29 +330,7 @@ def build_report(run_dir: str | Path) -> Path:
     accuracy = _accuracy_plot(rows)
     sections.append(f"<img alt='accuracy per round' src='{accuracy}'>" if accuracy else "<p>-</p>")
     sections.append("<h2>Privacy spent</h2>")
-    if privacy.get("dp"):
-        epsilon = _epsilon_plot(rows)
-        if epsilon:
-            sections.append(f"<img alt='epsilon per hospital per round' src='{epsilon}'>")
-        cells = "".join(
-            f"<tr><td>{html.escape(h)}</td><td>{_fmt(r.get('epsilon'))}</td>"
-            f"<td>{_fmt(r.get('budget_epsilon'))}</td><td>{_fmt(r.get('noise_multiplier'))}</td>"
-            f"<td>{_fmt(r.get('sample_rate'), 4)}</td>"
-            f"<td>{html.escape(str(r.get('status', '')))}</td></tr>"
-            for h, r in sorted(privacy.get("hospitals", {}).items())
-        )
-        sections.append(
-            "<table><tr><th>hospital</th><th>epsilon</th><th>cap</th><th>noise multiplier</th>"
-            f"<th>sample rate</th><th>last round</th></tr>{cells}</table>"
-        )
-        if "client_level" in privacy:
-            client = privacy["client_level"]
-            sections.append(
-                f"<p>Hospital-level (client) DP: epsilon {_fmt(client['epsilon'])} at delta "
-                f"{_fmt(client['delta'], 6)} over {client['rounds']} rounds.</p>"
-            )
-    else:
-        sections.append("<div class='nodp'>Trained without differential privacy.</div>")
+    sections.append(_privacy_section(privacy, rows))
     if he:
         last = he["rounds"][-1] if he.get("rounds") else {}
         sections.append(

@@ -15,6 +15,7 @@ from fedpriv.client.hospital import (
     audit_counts,
     evaluate_round,
     he_context,
+    ledger_settings,
     local_data,
     privacy_state,
     site_settings,
@@ -155,5 +156,9 @@ def _schema_reply(message: Message, context: Context) -> Message:
             msg.SCHEMA_CLASSES: int(labels.max()) + 1,
         }
     )
+    settings = ledger_settings(config, context.node_config, data.name)
+    if settings is not None:  # the site's privacy policy, so a run it refuses never starts
+        schema[msg.SCHEMA_LEDGER_DELTA] = settings.delta
+        schema[msg.SCHEMA_LEDGER_CAP] = settings.budget_epsilon
     content = RecordDict({msg.SCHEMA: schema, msg.HOSPITAL: _hospital_record(data)})
     return Message(content=content, reply_to=message)

@@ -25,10 +25,12 @@ from fedpriv import messages as msg
 from fedpriv.client.site import DATA_PATH, SiteSettings
 from fedpriv.config import RunConfig
 from fedpriv.data import split_for
+from fedpriv.data.datasets import RecordSource, file_version
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.models import build, initial_state
 from fedpriv.privacy.dp import (
     DpPlan,
+    PoissonUnits,
     make_private,
     plan_dp,
     reseed_from_os,
@@ -42,7 +44,14 @@ from fedpriv.privacy.he import (
     encrypt_contribution,
     load_context,
 )
-from fedpriv.privacy.ledger import BudgetExceeded, Ledger
+from fedpriv.privacy.identity import identity_mode
+from fedpriv.privacy.ledger import (
+    Ledger,
+    LedgerError,
+    LedgerSettings,
+    Reservation,
+    simulated_ledger_path,
+)
 from fedpriv.training import (
     EvalStats,
     TrainStats,
@@ -75,7 +84,6 @@ BUDGET_EPSILON = "budget-epsilon"
 
 HE_SECRET_CONTEXT = "he-secret-context"
 
-LEDGERS_DIR = "ledgers"
 KEYS_DIR = "keys"
 
 
@@ -89,31 +97,17 @@ class HospitalData:
     held_out_labels: np.ndarray
     #: where the records come from, as the ledger shows it (a file name or a dataset name)
     source: str = ""
-
-    @functools.cached_property
-    def dataset_id(self) -> str:
-        """Identity of the records this hospital holds: a hash of all of them.
-
-        The ledger composes every run whose records hash the same, whatever the run's
-        settings, so re-splitting the same records never restarts the budget.
-        """
-        features = np.concatenate([self.train_features, self.held_out_features])
-        labels = np.concatenate([self.train_labels, self.held_out_labels])
-        rows = np.ascontiguousarray(features.reshape(features.shape[0], -1))
-        records = sorted(
-            hashlib.sha256(row.tobytes() + int(label).to_bytes(8, "little")).digest()
-            for row, label in zip(rows, labels, strict=True)
-        )
-        digest = hashlib.sha256(b"".join(records))
-        return digest.hexdigest()[:16]
+    #: the training records as they are in the file (what identifies their patients)
+    train_records: RecordSource | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyState:
-    """Where this hospital keeps its privacy state, and its cap."""
+    """Where this hospital keeps its privacy ledger, and the settings a new ledger gets."""
 
     ledger_path: Path
     budget_epsilon: float
+    delta: float = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,28 +120,38 @@ class RoundResult:
     he_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=4)
 def _simulated_split(config: RunConfig) -> Any:
+    return _split_cached(config, file_version(config.dataset))
+
+
+@functools.lru_cache(maxsize=4)
+def _split_cached(config: RunConfig, version: tuple[int, int]) -> Any:
     return split_for(config)
 
 
 @functools.lru_cache(maxsize=4)
 def _site_data(
-    path: str, label_column: str, name: str, seed: int, held_out_fraction: float
+    path: str,
+    label_column: str,
+    patient_column: str,
+    name: str,
+    seed: int,
+    held_out_fraction: float,
+    version: tuple[int, int],
 ) -> HospitalData:
+    """``version``: the file's size and time, so a file changed on disk is read again."""
     from fedpriv.data import load_dataset
     from fedpriv.errors import DataError
 
     try:
-        dataset = load_dataset(path, label_column=label_column)
+        dataset = load_dataset(path, label_column=label_column, patient_column=patient_column)
     except DataError as exc:
         raise ConfigError(f"node config: 'data-path': {exc}") from None
     if len(dataset) < 2:
         raise ConfigError(f"node config: 'data-path' holds {len(dataset)} record(s), need >= 2")
     index = zlib.crc32(name.encode()) % 10_000
-    order = np.random.default_rng([seed, index]).permutation(len(dataset))
-    n_held = min(max(1, round(len(dataset) * held_out_fraction)), len(dataset) - 1)
-    held, train = np.sort(order[:n_held]), np.sort(order[n_held:])
+    held_mask = held_out_by_patient(dataset.source, seed, held_out_fraction)
+    held, train = np.flatnonzero(held_mask), np.flatnonzero(~held_mask)
     return HospitalData(
         name=name,
         index=index,
@@ -156,7 +160,31 @@ def _site_data(
         held_out_features=dataset.features[held],
         held_out_labels=dataset.labels[held],
         source=Path(path).name,
+        train_records=dataset.source.take(train),
     )
+
+
+def held_out_by_patient(source: RecordSource, seed: int, fraction: float) -> np.ndarray:
+    """Which records a site holds out: whole patients, each by a hash of the run's seed and
+    its identity, so appending, removing or reordering records moves no one else (and all of
+    a patient's records fall on the same side)."""
+    material: list[bytes] = (
+        [str(p).strip().encode() for p in source.patient_ids]
+        if source.patient_ids is not None
+        else source.row_material()
+    )
+    salt = seed.to_bytes(8, "little", signed=True)
+    draws = np.array(
+        [
+            int.from_bytes(hashlib.sha256(salt + m).digest()[:8], "little") / 2.0**64
+            for m in material
+        ]
+    )
+    held = draws < fraction
+    if not held.any() or held.all():  # both sides need a patient: the extreme draw flips
+        flip = draws == (draws.min() if not held.any() else draws.max())
+        held = held ^ flip
+    return held
 
 
 def site_settings(node_config: Mapping[str, Any]) -> SiteSettings | None:
@@ -175,9 +203,11 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
         return _site_data(
             str(site.data_path),
             site.label_column,
+            site.patient_column,
             site.hospital_name,
             config.seed,
             config.held_out_fraction,
+            file_version(str(site.data_path)),
         )
     if PARTITION_ID not in node_config:
         raise ConfigError(
@@ -204,11 +234,19 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
         train_labels=np.concatenate([dataset.labels[part.train], canary_labels]),
         held_out_features=dataset.features[part.held_out],
         held_out_labels=dataset.labels[part.held_out],
+        source=Path(config.dataset).name,
+        train_records=RecordSource.concatenate(
+            [dataset.source.take(part.train), dataset.source.take(canary_index)]
+        ),
     )
 
 
 def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: str) -> PrivacyState:
-    """The ledger and cap: a real site's own node config wins over the run's settings."""
+    """The ledger and its settings: a real site's own node config wins over the run's.
+
+    Simulated hospitals share one ledger (:func:`simulated_ledger_path`): they carve up one
+    dataset, so a record that another partition moves to another hospital keeps its history.
+    """
     site = site_settings(node_config)
     if site is not None:
         if site.ledger_path is None:
@@ -216,23 +254,22 @@ def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: s
                 "node config: 'ledger-path' is missing: this hospital cannot account DP "
                 "without its privacy ledger"
             )
-        return PrivacyState(ledger_path=site.ledger_path, budget_epsilon=site.budget_epsilon)
+        return PrivacyState(
+            ledger_path=site.ledger_path,
+            budget_epsilon=site.budget_epsilon,
+            delta=site.budget_delta,
+        )
     if LEDGER_PATH in node_config:
         path = Path(str(node_config[LEDGER_PATH])).expanduser()
     else:
-        base = (
-            Path(config.ledger_dir)
-            if config.ledger_dir
-            else (Path(config.out) / config.run_name / LEDGERS_DIR)
-        )
-        path = base / f"{hospital}.sqlite"
+        path = simulated_ledger_path(config)
     if BUDGET_EPSILON in node_config:
         budget = float(node_config[BUDGET_EPSILON])
     elif PARTITION_ID in node_config:  # a simulated hospital takes the run's setting
         budget = config.budget_epsilon
     else:
         budget = RunConfig().budget_epsilon
-    return PrivacyState(ledger_path=path, budget_epsilon=budget)
+    return PrivacyState(ledger_path=path, budget_epsilon=budget, delta=config.delta)
 
 
 def he_context(config: RunConfig, node_config: Mapping[str, Any]) -> CkksContext | None:
@@ -321,10 +358,11 @@ def _seed(order: msg.TrainingOrder, data: HospitalData) -> int:
     return (order.config.seed * 1_000_003 + order.server_round * 1_009 + data.index) % 2**31
 
 
-def plan_for(order: msg.TrainingOrder, data: HospitalData) -> DpPlan:
+def plan_for(order: msg.TrainingOrder, patients: int) -> DpPlan:
+    """Calibrate the run's noise for a hospital with ``patients`` patients in training."""
     config = order.config
     return plan_dp(
-        num_records=int(data.train_labels.size),
+        num_records=patients,
         batch_size=config.batch_size,
         local_epochs=config.local_epochs,
         rounds=config.rounds,
@@ -385,7 +423,7 @@ def train_round(
     if not config.sample_level_dp:
         torch.manual_seed(_seed(order, data))
         batch = max(1, data.train_labels.size) if gradient_mode else config.batch_size
-        loader = make_loader(
+        plain_loader = make_loader(
             data.train_features,
             data.train_labels,
             batch_size=batch,
@@ -394,7 +432,7 @@ def train_round(
         )
         stats = train(
             model,
-            loader,
+            plain_loader,
             optimizer=optimizer,
             criterion=criterion,
             epochs=1 if gradient_mode else config.local_epochs,
@@ -405,26 +443,39 @@ def train_round(
 
     if privacy is None:
         raise ConfigError("sample-level DP needs a privacy ledger")
-    plan = plan_for(order, data)
-    ledger = Ledger.open(privacy.ledger_path)
+    records = data.train_records
+    if records is None or len(records) != data.train_labels.size:
+        raise ConfigError(f"{data.name}: its training records carry no identity to account")
     try:
-        reservation = ledger.reserve(
-            dataset_id=data.dataset_id,
-            dataset_name=data.source or Path(config.dataset).name,
-            hospital=data.name,
-            run_id=config.run_name,
-            round_=order.server_round,
-            event=plan.round_event(),
-            accountant=plan.accountant,
-            delta=plan.delta,
-            budget_epsilon=privacy.budget_epsilon,
-        )
-    except BudgetExceeded as exceeded:
+        ledger = open_ledger(privacy, config, records)
+    except LedgerError as exc:
+        return RoundResult(arrays=None, stats=None, declined=f"{data.name} declines: {exc}")
+    assert ledger.key is not None
+    keyed = ledger.key.records(records)
+    patients = int(np.unique(keyed.keys).size)
+    plan = ledger.plan(
+        run_id=config.run_name,
+        hospital=data.name,
+        request=_plan_request(order, patients),
+        make=functools.partial(plan_for, order, patients),
+    )
+    reservation = ledger.reserve(
+        keyed,
+        event=plan.round_event(),
+        hospital=data.name,
+        dataset_name=data.source or Path(config.dataset).name,
+        run_id=config.run_name,
+        round_=order.server_round,
+        min_patients=config.min_patients,
+        # the exact epsilon for the record at the run's end; the fast bound meanwhile
+        exact=order.server_round >= config.rounds,
+    )
+    if reservation.declined:
         return RoundResult(
             arrays=None,
             stats=None,
-            declined=f"{data.name} declines the round: {exceeded}",
-            privacy=_privacy_report(ledger, data, plan, privacy, exceeded.spent, "declined"),
+            declined=reservation.declined,
+            privacy=_privacy_report(data, plan, ledger, reservation, "declined"),
             accountant_state=accountant_state,
         )
     # Sampling and noise must not follow --seed (the server knows it).
@@ -435,8 +486,14 @@ def train_round(
     else:
         reseed_from_os()
     mode = resolve_grad_sample_mode(model, config.grad_sample_mode, proximal=proximal_mu > 0)
-    loader = make_loader(
-        data.train_features, data.train_labels, batch_size=config.batch_size, shuffle=False
+    trained = reservation.records
+    _, units = np.unique(reservation.units[trained], return_inverse=True)
+    loader = PoissonUnits(
+        data.train_features[trained],
+        data.train_labels[trained],
+        units.reshape(-1),
+        sample_rate=plan.sample_rate,
+        steps=round(1.0 / plan.sample_rate),
     )
     private = make_private(
         model=model,
@@ -470,17 +527,60 @@ def train_round(
     return reply(
         stats,
         privacy=_privacy_report(
-            ledger,
             data,
             plan,
-            privacy,
-            reservation.spent_after,
+            ledger,
+            reservation,
             "trained",
-            mode=mode,
+            mode=private.mode,
             run_steps=private.steps_taken(),
+            patient_level=loader.grouped,
         ),
         accountant_state=private.accountant_state(),
     )
+
+
+def ledger_settings(
+    config: RunConfig, node_config: Mapping[str, Any], hospital: str
+) -> LedgerSettings | None:
+    """The fixed settings of this hospital's ledger if it exists (else what it would get)."""
+    if not config.sample_level_dp:
+        return None
+    privacy = privacy_state(config, node_config, hospital)
+    if privacy.ledger_path.exists():
+        return Ledger.open(privacy.ledger_path, writable=False, need_key=False).settings
+    return LedgerSettings(budget_epsilon=privacy.budget_epsilon, delta=privacy.delta)
+
+
+def open_ledger(privacy: PrivacyState, config: RunConfig, records: RecordSource) -> Ledger:
+    """This hospital's ledger, created with its settings if there is none; refused (with
+    the reason) if the run asks for what the ledger's fixed settings do not allow."""
+    settings = LedgerSettings(
+        budget_epsilon=privacy.budget_epsilon,
+        delta=privacy.delta,
+        accountant=config.accountant,
+        identity=identity_mode(records),
+    )
+    ledger = Ledger.open(privacy.ledger_path, create=settings)
+    for notice in ledger.check_request(dataclasses.replace(settings, delta=config.delta)):
+        logger.info("%s", notice)
+    return ledger
+
+
+def _plan_request(order: msg.TrainingOrder, patients: int) -> dict[str, Any]:
+    config = order.config
+    return {
+        "patients": patients,
+        "batch-size": config.batch_size,
+        "local-epochs": config.local_epochs,
+        "rounds": config.rounds,
+        "one-step": order.mode == msg.MODE_GRADIENT,
+        "epsilon": config.epsilon,
+        "delta": config.delta,
+        "accountant": config.accountant,
+        "max-grad-norm": config.max_grad_norm,
+        "noise-multiplier": config.noise_multiplier,
+    }
 
 
 def _reply_arrays(
@@ -493,30 +593,37 @@ def _reply_arrays(
 
 
 def _privacy_report(
-    ledger: Ledger,
     data: HospitalData,
     plan: DpPlan,
-    privacy: PrivacyState,
-    epsilon: float,
+    ledger: Ledger,
+    reservation: Reservation,
     status: str,
     *,
     mode: str = "",
     run_steps: int | None = None,
+    patient_level: bool = False,
 ) -> dict[str, Any]:
-    """This hospital's spend, with every event so anyone can recompute the epsilon.
+    """This hospital's spend, per patient: the largest epsilon of any of its patients, the
+    patients left out for budget, and the merged events of the most spent patient, so anyone
+    can recompute the figure.
 
     ``run_steps`` is what this run's accountant (carried in Flower's context.state) has
     seen: it must equal the steps the ledger holds for the run.
     """
-    events = ledger.events(data.dataset_id)
     return {
         "hospital": data.name,
         "status": status,
-        "dataset_id": data.dataset_id,
-        "epsilon": epsilon,
-        "delta": plan.delta,
-        "accountant": plan.accountant,
-        "budget_epsilon": privacy.budget_epsilon,
+        "unit": "patient",
+        "epsilon": reservation.epsilon_after,
+        "epsilon_exact": reservation.exact,
+        "epsilon_before": reservation.epsilon_before,
+        "delta": reservation.delta,
+        "accountant": reservation.accountant,
+        "budget_epsilon": reservation.budget_epsilon,
+        "patients": reservation.patients,
+        "excluded_for_budget": reservation.excluded,
+        "patient_level_sampling": patient_level,
+        "identity": ledger.settings.identity,
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "max_grad_norm": plan.max_grad_norm,
@@ -526,14 +633,8 @@ def _privacy_report(
         "grad_sample_mode": mode,
         "run_accountant_steps": run_steps,
         "events": [
-            {
-                "noise_multiplier": e.noise_multiplier,
-                "sample_rate": e.sample_rate,
-                "steps": e.steps,
-                "run_id": e.run_id,
-                "round": e.round,
-            }
-            for e in events
+            {"noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+            for sigma, q, steps in reservation.history
         ],
     }
 

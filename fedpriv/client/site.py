@@ -9,6 +9,7 @@ them. Every problem names the key to fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ SITE_KEYS = (
     "hospital-name",
     DATA_PATH,
     "label-column",
+    "patient-column",
     "ledger-path",
     "budget-epsilon",
+    "budget-delta",
     "device",
     "he-secret-context",
     "require-dp",
@@ -38,6 +41,10 @@ class SiteSettings:
     label_column: str
     ledger_path: Path | None
     budget_epsilon: float
+    #: the delta every run on this site's ledger is composed at (fixed with the ledger)
+    budget_delta: float
+    #: the column naming each record's patient; empty: each record is its own patient
+    patient_column: str
     device: str
     he_secret_context: Path | None
     require_dp: bool
@@ -51,15 +58,18 @@ class SiteSettings:
             )
         data_path = Path(str(values[DATA_PATH])).expanduser()
         name = str(values.get("hospital-name") or data_path.stem)
-        budget_raw = values.get("budget-epsilon", 10.0)
-        try:
-            budget = float(budget_raw)
-        except (TypeError, ValueError):
+        budget = _number(values, "budget-epsilon", 10.0)
+        if not (math.isfinite(budget) and budget > 0):
             raise ConfigError(
-                f"node config: 'budget-epsilon' must be a number (got {budget_raw!r})"
-            ) from None
-        if budget <= 0:
-            raise ConfigError(f"node config: 'budget-epsilon' must be > 0 (got {budget})")
+                "node config: 'budget-epsilon' must be a finite number > 0 "
+                f"(got {values.get('budget-epsilon')!r})"
+            )
+        budget_delta = _number(values, "budget-delta", 1e-5)
+        if not (0 < budget_delta < 1):
+            raise ConfigError(
+                "node config: 'budget-delta' must be in (0, 1) "
+                f"(got {values.get('budget-delta')!r})"
+            )
         device = str(values.get("device", "auto"))
         if device not in DEVICES:
             raise ConfigError(
@@ -80,10 +90,22 @@ class SiteSettings:
             label_column=str(values.get("label-column", "label")),
             ledger_path=Path(str(ledger)).expanduser() if ledger else None,
             budget_epsilon=budget,
+            budget_delta=budget_delta,
+            patient_column=str(values.get("patient-column", "") or ""),
             device=device,
             he_secret_context=Path(str(he)).expanduser() if he else None,
             require_dp=bool(require_raw),
         )
+
+
+def _number(values: Mapping[str, Any], key: str, default: float) -> float:
+    raw = values.get(key, default)
+    if isinstance(raw, bool):
+        raise ConfigError(f"node config: '{key}' must be a number (got {raw!r})")
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config: '{key}' must be a number (got {raw!r})") from None
 
 
 def load_site_file(path: str | Path) -> dict[str, Any]:
@@ -99,20 +121,30 @@ def load_site_file(path: str | Path) -> dict[str, Any]:
 
 def check_site(node_config: Mapping[str, Any]) -> list[str]:
     """Everything a hospital's IT can check before starting its SuperNode; returns what was
-    found, or raises a ConfigError naming the key."""
+    found, or raises a ConfigError naming the key. Opening an existing ledger only reads it;
+    a missing one is created with the site's cap and delta (and its key beside it)."""
     from fedpriv.data import load_dataset
     from fedpriv.errors import DataError, FedprivError
-    from fedpriv.privacy.ledger import Ledger
+    from fedpriv.privacy.identity import identity_mode
+    from fedpriv.privacy.ledger import Ledger, LedgerSettings
 
     site = SiteSettings.from_node_config(node_config)
     found = []
     try:
-        data = load_dataset(str(site.data_path), label_column=site.label_column)
+        data = load_dataset(
+            str(site.data_path), label_column=site.label_column, patient_column=site.patient_column
+        )
     except DataError as exc:
         raise ConfigError(f"node config: 'data-path': {exc}") from None
+    patients = (
+        len({str(p).strip() for p in data.source.patient_ids})
+        if data.source.patient_ids is not None
+        else None
+    )
     found.append(
-        f"data-path: {len(data)} records, {data.num_classes} classes, features "
-        f"{tuple(data.features.shape[1:])}"
+        f"data-path: {len(data)} records"
+        + (f" of {patients} patients (patient-column '{site.patient_column}')" if patients else "")
+        + f", {data.num_classes} classes, features {tuple(data.features.shape[1:])}"
     )
     if site.ledger_path is None:
         if site.require_dp:
@@ -122,14 +154,30 @@ def check_site(node_config: Mapping[str, Any]) -> list[str]:
             )
         found.append("ledger-path: none (require-dp = false: this hospital may train without DP)")
     else:
+        settings = LedgerSettings(
+            budget_epsilon=site.budget_epsilon,
+            delta=site.budget_delta,
+            identity=identity_mode(data.source),
+        )
+        existed = site.ledger_path.exists()
         try:
-            ledger = Ledger.open(site.ledger_path)
+            ledger = Ledger.open(site.ledger_path, create=settings)
+            notices = ledger.check_request(
+                dataclasses.replace(settings, accountant=ledger.settings.accountant)
+            )
+            spent = ledger.summary()
         except FedprivError as exc:
             raise ConfigError(f"node config: 'ledger-path': {exc}") from None
-        spent = ledger.summary()
         found.append(
-            f"ledger-path: {site.ledger_path} ({sum(r.rounds for r in spent)} rounds recorded)"
+            f"ledger-path: {site.ledger_path} ({'existing' if existed else 'created'}, writable; "
+            f"{spent.patients} patients, {spent.events} rounds recorded, largest patient "
+            f"epsilon {spent.max_epsilon:.3f}{'' if spent.max_exact else ' (upper bound)'})"
         )
+        found.append(
+            f"budget: epsilon {ledger.settings.budget_epsilon:g} per patient for life, at delta "
+            f"{ledger.settings.delta:g} (fixed in the ledger), {ledger.settings.accountant.upper()}"
+        )
+        found.extend(f"note: {n}" for n in notices)
     found.append(f"budget-epsilon: {site.budget_epsilon:g}")
     from fedpriv.training import resolve_device
 

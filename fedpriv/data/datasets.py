@@ -10,7 +10,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,102 @@ from fedpriv.errors import DataError
 
 __all__ = [
     "Dataset",
+    "RecordSource",
     "available_datasets",
+    "file_version",
     "load_dataset",
     "register_dataset",
 ]
 
 _MEDMNIST_SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordSource:
+    """What identifies each record as it is in the file, before any preprocessing.
+
+    The privacy ledger identifies a patient by a keyed hash of ``patient_ids`` when a patient
+    column is named, else of the raw record: ``columns`` (sorted by name) with their raw values
+    (``numeric`` float64 columns, ``text`` string columns) for tables, or ``digests``
+    (SHA-256 of the raw bytes) for images. Nothing of it ever leaves the site.
+    """
+
+    columns: tuple[str, ...] = ()
+    numeric: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    text: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    digests: np.ndarray | None = None
+    patient_ids: np.ndarray | None = None
+    patient_column: str = ""
+
+    def take(self, index: np.ndarray) -> RecordSource:
+        """The rows ``index`` (in that order)."""
+        return RecordSource(
+            columns=self.columns,
+            numeric={k: v[index] for k, v in self.numeric.items()},
+            text={k: v[index] for k, v in self.text.items()},
+            digests=None if self.digests is None else self.digests[index],
+            patient_ids=None if self.patient_ids is None else self.patient_ids[index],
+            patient_column=self.patient_column,
+        )
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[RecordSource]) -> RecordSource:
+        first = parts[0]
+        return RecordSource(
+            columns=first.columns,
+            numeric={k: np.concatenate([p.numeric[k] for p in parts]) for k in first.numeric},
+            text={k: np.concatenate([p.text[k] for p in parts]) for k in first.text},
+            digests=None
+            if first.digests is None
+            else np.concatenate([p.digests for p in parts if p.digests is not None]),
+            patient_ids=None
+            if first.patient_ids is None
+            else np.concatenate([p.patient_ids for p in parts if p.patient_ids is not None]),
+            patient_column=first.patient_column,
+        )
+
+    def row_material(self, columns: Sequence[str] | None = None) -> list[bytes]:
+        """Canonical bytes of each record over ``columns`` (default: all), in name order:
+        the same record gives the same bytes whatever the column order or number format."""
+        if self.digests is not None:
+            return [bytes(d) for d in self.digests]
+        names = sorted(columns if columns is not None else self.columns)
+        header = "\x1f".join(names).encode()
+        numeric = [n for n in names if n in self.numeric]
+        text = [n for n in names if n in self.text]
+        size = len(next(iter({**self.numeric, **self.text}.values()))) if names else 0
+        matrix = (
+            np.stack([_canonical_floats(self.numeric[n]) for n in numeric], axis=1)
+            if numeric
+            else np.zeros((size, 0))
+        )
+        strings = [self.text[n] for n in text]
+        rows = []
+        for i in range(size):
+            parts = [header, matrix[i].tobytes()]
+            parts.extend(str(column[i]).encode() for column in strings)
+            rows.append(b"\x1e".join(parts))
+        return rows
+
+    def __len__(self) -> int:
+        if self.digests is not None:
+            return int(self.digests.shape[0])
+        for values in (*self.numeric.values(), *self.text.values()):
+            return int(values.shape[0])
+        return 0 if self.patient_ids is None else int(self.patient_ids.shape[0])
+
+
+def _canonical_floats(values: np.ndarray) -> np.ndarray:
+    out = np.asarray(values, dtype=np.float64).copy()
+    out[out == 0.0] = 0.0  # -0.0 and 0.0 are the same value
+    out[np.isnan(out)] = np.nan  # one NaN bit pattern
+    return out
+
+
+def _image_digests(images: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(images.reshape(images.shape[0], -1))
+    tag = f"{flat.dtype.str}{images.shape[1:]}".encode()
+    return np.array([hashlib.sha256(tag + row.tobytes()).digest() for row in flat], dtype="S32")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,6 +135,7 @@ class Dataset:
     sites: np.ndarray | None = None
     test_indices: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
+    source: RecordSource = dataclasses.field(default_factory=RecordSource)
 
     @property
     def kind(self) -> str:
@@ -73,26 +165,55 @@ def available_datasets() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def load_dataset(spec: str, *, label_column: str = "label", site_column: str = "site") -> Dataset:
+def load_dataset(
+    spec: str,
+    *,
+    label_column: str = "label",
+    site_column: str = "site",
+    patient_column: str = "",
+) -> Dataset:
     """Load a registered dataset by name, or a ``.npz`` / ``.csv`` file by path.
 
-    The result is cached per process (hospitals load the same file every round).
+    ``patient_column`` (CSV only) names the column that identifies each record's patient;
+    it is never a feature. The result is cached per process (hospitals load the same file
+    every round).
     """
-    return _load_cached(str(spec), label_column, site_column)
+    return _load_cached(str(spec), label_column, site_column, patient_column, file_version(spec))
+
+
+def file_version(spec: str) -> tuple[int, int]:
+    """A file's (size, mtime): a file changed on disk is read again, never served stale."""
+    try:
+        info = Path(spec).expanduser().stat()
+    except OSError:
+        return (0, 0)
+    return (info.st_size, info.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(spec: str, label_column: str, site_column: str) -> Dataset:
-    if spec in _REGISTRY:
-        return _REGISTRY[spec]()
+def _load_cached(
+    spec: str, label_column: str, site_column: str, patient_column: str, version: tuple[int, int]
+) -> Dataset:
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
+    if patient_column and (spec in _REGISTRY or suffix != ".csv"):
+        raise DataError(
+            f"a patient column ('{patient_column}') can only be named for a .csv file; "
+            f"'{spec}' identifies each record by its content"
+        )
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]()
     if suffix in (".npz", ".csv"):
         if not path.is_file():
             raise DataError(f"dataset file '{path}' does not exist: check the path")
         if suffix == ".npz":
             return _load_npz(path)
-        return _load_csv(path, label_column=label_column, site_column=site_column)
+        return _load_csv(
+            path,
+            label_column=label_column,
+            site_column=site_column,
+            patient_column=patient_column,
+        )
     names = ", ".join(available_datasets())
     raise DataError(
         f"unknown dataset '{spec}': use one of {names}, or a path to a .npz (MedMNIST layout) "
@@ -108,13 +229,18 @@ def _breast_cancer() -> Dataset:
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer()
-    features = _standardize(np.asarray(bunch.data, dtype=np.float64))
+    raw = np.asarray(bunch.data, dtype=np.float64)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    names = [str(n) for n in bunch.feature_names]
+    numeric = {n: raw[:, i] for i, n in enumerate(names)}
+    numeric["label"] = labels.astype(np.float64)
     return Dataset(
         name="breast-cancer",
-        features=features,
-        labels=np.asarray(bunch.target, dtype=np.int64),
+        features=_standardize(raw),
+        labels=labels,
         num_classes=2,
         class_names=tuple(str(c) for c in bunch.target_names),
+        source=RecordSource(columns=tuple(sorted(numeric)), numeric=numeric),
     )
 
 
@@ -123,13 +249,15 @@ def _digits() -> Dataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = np.asarray(bunch.images, dtype=np.float32) / 16.0
+    raw = np.asarray(bunch.images)
+    images = raw.astype(np.float32) / 16.0
     return Dataset(
         name="digits",
         features=images[:, None, :, :],
         labels=np.asarray(bunch.target, dtype=np.int64),
         num_classes=10,
         class_names=tuple(str(c) for c in range(10)),
+        source=RecordSource(digests=_image_digests(raw)),
     )
 
 
@@ -181,6 +309,7 @@ def _load_npz(path: Path) -> Dataset:
                 "datasets are not supported, use a single-label MedMNIST dataset"
             )
     stacked = np.concatenate(images)
+    digests = _image_digests(stacked)
     if stacked.ndim == 3:
         stacked = stacked[:, None, :, :]
     else:
@@ -200,10 +329,13 @@ def _load_npz(path: Path) -> Dataset:
         labels=label_vec,
         num_classes=int(label_vec.max()) + 1,
         test_indices=np.arange(n_train_val, label_vec.size, dtype=np.int64),
+        source=RecordSource(digests=digests),
     )
 
 
-def _load_csv(path: Path, *, label_column: str, site_column: str) -> Dataset:
+def _load_csv(
+    path: Path, *, label_column: str, site_column: str, patient_column: str = ""
+) -> Dataset:
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
@@ -219,15 +351,28 @@ def _load_csv(path: Path, *, label_column: str, site_column: str) -> Dataset:
             f"'{path}' has no label column '{label_column}' (columns: {', '.join(header)}); "
             "name it with --label-column"
         )
+    if patient_column and patient_column not in header:
+        raise DataError(
+            f"'{path}' has no patient column '{patient_column}' (columns: {', '.join(header)})"
+        )
+    if patient_column and patient_column in (label_column, site_column):
+        raise DataError(
+            f"the patient column '{patient_column}' cannot also be the label or site column"
+        )
+    if len(set(header)) != len(header):
+        duplicate = next(h for h in header if header.count(h) > 1)
+        raise DataError(f"'{path}' names the column '{duplicate}' twice")
     if not rows:
         raise DataError(f"'{path}' has a header but no records")
     label_idx = header.index(label_column)
     site_idx = header.index(site_column) if site_column and site_column in header else None
-    feature_idx = [i for i in range(len(header)) if i not in (label_idx, site_idx)]
+    patient_idx = header.index(patient_column) if patient_column else None
+    feature_idx = [i for i in range(len(header)) if i not in (label_idx, site_idx, patient_idx)]
     if not feature_idx:
         raise DataError(f"'{path}' has no feature columns besides the label")
     raw_labels: list[str] = []
     raw_sites: list[str] = []
+    raw_patients: list[str] = []
     matrix = np.empty((len(rows), len(feature_idx)), dtype=np.float64)
     for r, row in enumerate(rows, start=2):
         if len(row) != len(header):
@@ -235,6 +380,14 @@ def _load_csv(path: Path, *, label_column: str, site_column: str) -> Dataset:
         raw_labels.append(row[label_idx].strip())
         if site_idx is not None:
             raw_sites.append(row[site_idx].strip())
+        if patient_idx is not None:
+            patient = row[patient_idx].strip()
+            if not patient:
+                raise DataError(
+                    f"'{path}' line {r}: the patient column '{patient_column}' is empty; "
+                    "every record needs its patient's identifier"
+                )
+            raw_patients.append(patient)
         for c, i in enumerate(feature_idx):
             try:
                 matrix[r - 2, c] = float(row[i])
@@ -247,6 +400,25 @@ def _load_csv(path: Path, *, label_column: str, site_column: str) -> Dataset:
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[v] for v in raw_labels], dtype=np.int64)
     sites = np.array(raw_sites) if site_idx is not None else None
+    # the record as it is in the file, by column name, whatever role a column plays: a
+    # column of numbers by value (so "1.50" and "1.5" agree), any other as text
+    numeric = {header[i]: matrix[:, c] for c, i in enumerate(feature_idx)}
+    text: dict[str, np.ndarray] = {}
+    for name, values in ((label_column, raw_labels), (site_column, raw_sites)):
+        if name not in header or name in numeric:
+            continue
+        as_numbers = _as_numbers(values)
+        if as_numbers is not None:
+            numeric[name] = as_numbers
+        else:
+            text[name] = np.array(values, dtype=object)
+    source = RecordSource(
+        columns=tuple(sorted([*numeric, *text])),
+        numeric=numeric,
+        text=text,
+        patient_ids=np.array(raw_patients, dtype=object) if patient_idx is not None else None,
+        patient_column=patient_column,
+    )
     return Dataset(
         name=path.stem,
         features=_standardize(matrix),
@@ -254,7 +426,16 @@ def _load_csv(path: Path, *, label_column: str, site_column: str) -> Dataset:
         num_classes=len(classes),
         sites=sites,
         class_names=tuple(classes),
+        source=source,
     )
+
+
+def _as_numbers(values: list[str]) -> np.ndarray | None:
+    """A column as numbers when every value is one, else None."""
+    try:
+        return np.array([float(v) for v in values], dtype=np.float64)
+    except ValueError:
+        return None
 
 
 def _natural_key(value: str) -> tuple[int, float | str]:

@@ -124,6 +124,11 @@ def make_split(
     n = len(dataset)
     if dataset.test_indices is not None:
         test = np.sort(dataset.test_indices.astype(np.int64))
+    elif dataset.source.patient_ids is not None:  # whole patients, never half of one
+        everyone = _patients_of(dataset, np.arange(n, dtype=np.int64))
+        firsts = np.array([members[0] for members in everyone], dtype=np.int64)
+        chosen = _stratified_sample(dataset.labels[firsts], test_fraction, rng)
+        test = np.sort(np.concatenate([everyone[p] for p in chosen] or [np.empty(0, np.int64)]))
     else:
         test = _stratified_sample(dataset.labels, test_fraction, rng)
     pool = np.setdiff1d(np.arange(n, dtype=np.int64), test, assume_unique=True)
@@ -152,27 +157,31 @@ def make_split(
     elif partition == "label-skew":
         params["classes_per_hospital"] = classes_per_hospital
     partitioner = create_partitioner(partition, **params)
-    sites = dataset.sites[pool] if dataset.sites is not None else None
-    parts = partitioner(dataset.labels[pool], sites=sites, num_hospitals=num_hospitals, rng=rng)
-    _check_partition(parts, pool.size, num_hospitals)
+    # the unit handed out is a patient: all of a patient's records go to one hospital and
+    # one side of its split (each record is its own patient without a patient column)
+    patients = _patients_of(dataset, pool)
+    firsts = np.array([members[0] for members in patients], dtype=np.int64)
+    sites = dataset.sites[firsts] if dataset.sites is not None else None
+    parts = partitioner(dataset.labels[firsts], sites=sites, num_hospitals=num_hospitals, rng=rng)
+    _check_partition(parts, firsts.size, num_hospitals)
     if partition == "natural" and sites is not None:
         names = site_names(sites)
     else:
         names = [f"hospital-{k}" for k in range(num_hospitals)]
     hospitals = []
     for name, local in zip(names, parts, strict=True):
-        records = rng.permutation(pool[local])
-        if records.size < MIN_RECORDS_PER_HOSPITAL:
+        order = rng.permutation(np.asarray(local, dtype=np.int64))
+        if order.size < MIN_RECORDS_PER_HOSPITAL:
             raise DataError(
-                f"{name} is left with {records.size} record(s) but needs at least "
+                f"{name} is left with {order.size} patient(s) but needs at least "
                 f"{MIN_RECORDS_PER_HOSPITAL}: use fewer hospitals or a less skewed partition"
             )
-        n_held = min(max(1, round(records.size * held_out_fraction)), records.size - 1)
+        n_held = min(max(1, round(order.size * held_out_fraction)), order.size - 1)
         hospitals.append(
             HospitalSplit(
                 name=name,
-                train=np.sort(records[n_held:]),
-                held_out=np.sort(records[:n_held]),
+                train=np.sort(np.concatenate([patients[p] for p in order[n_held:]])),
+                held_out=np.sort(np.concatenate([patients[p] for p in order[:n_held]])),
             )
         )
     planted = []
@@ -192,10 +201,24 @@ def make_split(
     return FederatedSplit(hospitals=tuple(hospitals), test=test, canaries=tuple(planted))
 
 
+def _patients_of(dataset: Dataset, pool: np.ndarray) -> list[np.ndarray]:
+    """The records of ``pool`` grouped by patient, in order of first appearance."""
+    ids = dataset.source.patient_ids
+    if ids is None:
+        return [np.array([i], dtype=np.int64) for i in pool]
+    groups: dict[str, list[int]] = {}
+    for i in pool:
+        groups.setdefault(str(ids[i]).strip(), []).append(int(i))
+    return [np.array(members, dtype=np.int64) for members in groups.values()]
+
+
 def split_for(config: RunConfig) -> tuple[Dataset, FederatedSplit]:
     """The dataset and split a run configuration describes."""
     dataset = load_dataset(
-        config.dataset, label_column=config.label_column, site_column=config.site_column
+        config.dataset,
+        label_column=config.label_column,
+        site_column=config.site_column,
+        patient_column=config.patient_column,
     )
     split = make_split(
         dataset,

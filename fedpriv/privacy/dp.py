@@ -1,188 +1,51 @@
-"""Opacus integration: DP events, noise calibration over the planned run, and DP-SGD set-up.
+"""Opacus integration: DP-SGD set-up, at the level of records or of patients.
 
-The unit of privacy is one record of one hospital. Each hospital calibrates its noise from its
-own dataset size so that the *whole planned run* (rounds x local steps at its Poisson sample
-rate) lands at or just under the target epsilon. What gets recorded is the mechanism
-(:class:`DpEvent`), never only an epsilon, so any accountant can recompose the history.
+The unit of privacy is a patient. Each hospital calibrates its noise from its own number of
+patients so that the *whole planned run* (rounds x local steps at its Poisson sample rate)
+lands at or just under the target epsilon (:mod:`fedpriv.privacy.accounting`). When a patient
+has several records, patients are sampled and each sampled patient contributes one clipped
+gradient (the mean of its records' per-sample gradients), so the accountant's epsilon is per
+patient; when every patient has one record this is ordinary DP-SGD.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedpriv.config import ACCOUNTANTS, GRAD_SAMPLE_MODES
+from fedpriv.config import GRAD_SAMPLE_MODES
 from fedpriv.errors import ConfigError
+from fedpriv.privacy.accounting import (
+    ACCOUNTANTS,
+    DpEvent,
+    DpPlan,
+    calibrate_noise,
+    compose_epsilon,
+    plan_dp,
+)
 
 __all__ = [
     "ACCOUNTANTS",
     "DpEvent",
     "DpPlan",
+    "PatientLevelOptimizer",
+    "PoissonUnits",
     "PrivateTraining",
     "batchnorm_layers",
+    "calibrate_noise",
     "compose_epsilon",
     "make_private",
     "plan_dp",
     "reseed_from_os",
     "resolve_grad_sample_mode",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class DpEvent:
-    """``steps`` Poisson-sampled Gaussian mechanisms at sample rate ``sample_rate``."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def as_tuple(self) -> tuple[float, float, int]:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
-
-def compose_epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str) -> float:
-    """Epsilon at ``delta`` of all ``events`` composed by Opacus's ``accountant``.
-
-    Events of the same mechanism are merged first (``k1`` then ``k2`` steps of one
-    mechanism is ``k1 + k2`` steps of it): the same epsilon, and the PRV accountant's cost
-    then grows with the number of distinct mechanisms, not with the number of rounds.
-    """
-    merged: dict[tuple[float, float], int] = {}
-    for e in events:
-        if e.steps > 0:
-            key = (e.noise_multiplier, e.sample_rate)
-            merged[key] = merged.get(key, 0) + e.steps
-    if not merged:
-        return 0.0
-    history = tuple((sigma, q, steps) for (sigma, q), steps in merged.items())
-    return _compose(history, delta, accountant)
-
-
-@functools.lru_cache(maxsize=256)
-def _compose(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta=delta))
-
-
-@dataclasses.dataclass(frozen=True)
-class DpPlan:
-    """One hospital's DP-SGD settings for one run."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    rounds: int
-    max_grad_norm: float
-    delta: float
-    accountant: str
-    target_epsilon: float
-
-    def round_event(self) -> DpEvent:
-        return DpEvent(self.noise_multiplier, self.sample_rate, self.steps_per_round)
-
-    @property
-    def planned_epsilon(self) -> float:
-        run = DpEvent(self.noise_multiplier, self.sample_rate, self.steps_per_round * self.rounds)
-        return compose_epsilon([run], delta=self.delta, accountant=self.accountant)
-
-
-def plan_dp(
-    *,
-    num_records: int,
-    batch_size: int,
-    local_epochs: int,
-    rounds: int,
-    one_step_per_round: bool,
-    target_epsilon: float,
-    delta: float,
-    accountant: str,
-    max_grad_norm: float,
-    noise_multiplier: float = 0.0,
-) -> DpPlan:
-    """Calibrate the noise for a hospital with ``num_records`` training records.
-
-    The sample rate is Opacus's: ``1 / ceil(n / batch_size)``; an epoch is ``ceil(n / B)``
-    Poisson-sampled steps. FedSGD takes one step per round. ``noise_multiplier > 0`` skips
-    calibration (the planned epsilon is then whatever it gives).
-    """
-    if num_records < 1:
-        raise ConfigError("a hospital with no training records cannot train")
-    if delta >= 1.0 / num_records:
-        raise ConfigError(
-            f"delta {delta:g} must be below 1/n = {1.0 / num_records:.3g} for a hospital with "
-            f"{num_records} training records: lower --delta"
-        )
-    if accountant not in ACCOUNTANTS:
-        raise ConfigError(f"unknown accountant '{accountant}': use prv or rdp")
-    batches = math.ceil(num_records / batch_size)
-    sample_rate = 1.0 / batches
-    steps_per_round = 1 if one_step_per_round else local_epochs * batches
-    if noise_multiplier <= 0:
-        noise_multiplier = calibrate_noise(
-            target_epsilon=target_epsilon,
-            delta=delta,
-            sample_rate=sample_rate,
-            steps=steps_per_round * rounds,
-            accountant=accountant,
-        )
-    return DpPlan(
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        steps_per_round=steps_per_round,
-        rounds=rounds,
-        max_grad_norm=max_grad_norm,
-        delta=delta,
-        accountant=accountant,
-        target_epsilon=target_epsilon,
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    """The smallest noise multiplier (to 0.5 %) whose epsilon is at most the target.
-
-    Bisection on the noise multiplier. The RDP accountant (cheap, never tighter than PRV)
-    brackets the answer first, so the PRV accountant is asked only a handful of times.
-    """
-
-    def epsilon(sigma: float, mechanism: str) -> float:
-        return compose_epsilon(
-            [DpEvent(sigma, sample_rate, steps)], delta=delta, accountant=mechanism
-        )
-
-    def bisect(low: float, high: float, mechanism: str) -> float:
-        while (high - low) > 0.005 * high:
-            mid = 0.5 * (low + high)
-            if epsilon(mid, mechanism) > target_epsilon:
-                low = mid
-            else:
-                high = mid
-        return high
-
-    high = 1.0
-    while epsilon(high, "rdp") > target_epsilon:
-        high *= 2.0
-        if high > 1e6:
-            raise ConfigError(f"no noise multiplier reaches epsilon {target_epsilon:g}")
-    sigma = bisect(0.0 if high == 1.0 else high / 2.0, high, "rdp")
-    if accountant == "rdp":
-        return sigma
-    while epsilon(sigma, accountant) > target_epsilon:  # not expected: PRV is tighter
-        sigma *= 1.1
-    return bisect(0.5 * sigma, sigma, accountant)
 
 
 # ---- models --------------------------------------------------------------------------------
@@ -244,6 +107,102 @@ def reseed_from_os() -> None:
     torch.manual_seed(secrets.randbits(63))
 
 
+class PoissonUnits:
+    """Poisson sampling of training units at the plan's rate, ``steps`` times an epoch.
+
+    A unit is a patient: each is in a step's batch with probability ``sample_rate``,
+    independently, and brings all its records. Unlike a DataLoader sized from the data, the
+    rate is the *plan's* (what the ledger records) even when patients were excluded for
+    budget. In patient mode the optimizer is told, batch by batch, which record belongs to
+    which sampled patient. Randomness: torch's global generator, which every hospital
+    reseeds from the OS before DP-SGD (never from ``--seed``).
+    """
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        units: np.ndarray,
+        *,
+        sample_rate: float,
+        steps: int,
+    ) -> None:
+        self.features = torch.from_numpy(np.ascontiguousarray(features))
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels))
+        order = np.argsort(units, kind="stable")
+        counts = np.bincount(units)
+        self.num_units = int(counts.size)
+        self.order = torch.from_numpy(order)
+        self.starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        self.counts = torch.from_numpy(counts)
+        self.grouped = bool(counts.max(initial=1) > 1)
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.dataset = range(self.num_units)  # what Opacus sizes the expected batch from
+        self.optimizer: PatientLevelOptimizer | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.steps):
+            chosen = torch.nonzero(
+                torch.rand(self.num_units) < self.sample_rate, as_tuple=False
+            ).reshape(-1)
+            if not self.grouped:
+                rows = self.order[chosen]
+                segments = None
+            else:
+                counts = self.counts[chosen]
+                segments = torch.repeat_interleave(torch.arange(chosen.numel()), counts)
+                offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(
+                    torch.cumsum(counts, 0) - counts, counts
+                )
+                rows = self.order[self.starts[chosen][segments] + offsets]
+            if self.optimizer is not None:
+                self.optimizer.segments = segments
+                self.optimizer.units_in_batch = int(chosen.numel())
+            yield self.features[rows], self.labels[rows]
+
+
+class PatientLevelOptimizer:
+    """Opacus's DPOptimizer, with each sampled patient's per-record gradients averaged into
+    one per-patient gradient before it clips and adds noise: one clipped contribution per
+    patient, so the Gaussian mechanism's sensitivity is one patient's."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.segments: torch.Tensor | None = None
+        self.units_in_batch = 0
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure: Any = None) -> Any:
+        if self.segments is not None:
+            self._regroup(self.segments)
+        return self.optimizer.step(closure)
+
+    def _regroup(self, segments: torch.Tensor) -> None:
+        units = self.units_in_batch
+        for p in self.optimizer.params:
+            grad_sample = getattr(p, "grad_sample", None)
+            if grad_sample is None:
+                continue
+            if isinstance(grad_sample, list):
+                grad_sample = torch.cat(grad_sample, dim=0)
+            seg = segments.to(grad_sample.device)
+            summed = torch.zeros(
+                (units, *grad_sample.shape[1:]), dtype=grad_sample.dtype, device=grad_sample.device
+            )
+            summed.index_add_(0, seg, grad_sample)
+            counts = torch.bincount(seg, minlength=units).clamp(min=1).to(grad_sample.dtype)
+            p.grad_sample = summed / counts.view(-1, *([1] * (grad_sample.dim() - 1)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+
 @dataclasses.dataclass
 class PrivateTraining:
     """What :func:`make_private` hands back: use these instead of the originals."""
@@ -274,7 +233,7 @@ def make_private(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    loader: DataLoader | PoissonUnits,
     criterion: nn.Module,
     plan: DpPlan,
     grad_sample_mode: str,
@@ -282,10 +241,17 @@ def make_private(
 ) -> PrivateTraining:
     """Wrap model, optimizer, loader (Poisson) and criterion with Opacus for one round.
 
-    ``accountant_state`` carries the run's accountant from the previous round (Flower's
-    ``context.state``), so the engine continues the history instead of forgetting it.
+    A :class:`PoissonUnits` loader samples patients at the plan's rate itself (and, when a
+    patient has several records, makes the optimizer clip per patient); a plain DataLoader
+    is Poisson-sampled by Opacus at ``1 / len(loader)``. ``accountant_state`` carries the
+    run's accountant from the previous round (Flower's ``context.state``), so the engine
+    continues the history instead of forgetting it.
     """
     from opacus import PrivacyEngine
+
+    units = loader if isinstance(loader, PoissonUnits) else None
+    if units is not None and units.grouped and grad_sample_mode != "hooks":
+        grad_sample_mode = "hooks"  # per-patient regrouping needs the per-record gradients
 
     engine = PrivacyEngine(accountant=plan.accountant)
     if accountant_state:
@@ -302,7 +268,7 @@ def make_private(
         criterion=criterion,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=units is None,
         grad_sample_mode=grad_sample_mode,
         wrap_model=False,
     )
@@ -311,6 +277,13 @@ def make_private(
     else:
         hooks, dp_optimizer, dp_loader = wrapped
         dp_criterion = criterion
+    if units is not None:
+        # the mean over the *expected* batch of patients, exactly (Opacus rounds it down,
+        # and a hospital left with fewer patients than steps would divide by zero)
+        dp_optimizer.expected_batch_size = max(1.0, units.num_units * plan.sample_rate)
+        if units.grouped:
+            dp_optimizer = PatientLevelOptimizer(dp_optimizer)
+            units.optimizer = dp_optimizer
     # wrap_model=False: train the original module (no `_module.` prefix in its state_dict)
     return PrivateTraining(
         model=model if not isinstance(hooks, nn.Module) else hooks,

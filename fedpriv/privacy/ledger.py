@@ -1,102 +1,97 @@
-"""A hospital's persistent privacy ledger (SQLite) and budget enforcement.
+"""A site's persistent privacy ledger (SQLite): per-patient spend and budget enforcement.
 
-One file per hospital. Per dataset identity it records every DP event (noise multiplier,
-sample rate, steps, accountant, delta, run, round, time). Epsilon spent is always the
-composition of the *whole* history, across rounds and runs.
+The unit of privacy is a patient. The ledger knows patients only by keyed hashes
+(:mod:`fedpriv.privacy.identity`; the key sits beside the ledger and never leaves the site).
+Each DP event points to a *version*, the set of patients it could have touched; a patient's
+epsilon is the composition of every event whose version holds it, whatever happened to the
+data files between runs.
+
+One cap and one delta per ledger, fixed when it is created: every run is composed at that
+delta, and a run that asks for a larger one is refused.
 
 Write-ahead: a round's event is committed, after the budget check and in the same
 transaction, *before* training starts, so a crash can over-count but never under-count.
-``BEGIN IMMEDIATE`` serialises concurrent writers (two runs on one ledger), so neither can
-lose an event nor both pass the check on the same remaining budget.
+``BEGIN IMMEDIATE`` serialises concurrent writers, so neither can lose an event nor both
+pass the check on the same remaining budget.
 
-A file that is not a readable fedpriv ledger is reported and left exactly as it is: never
-reset, never rewritten.
+A file that is not a usable fedpriv ledger (empty, truncated, foreign, read-only, unreadable,
+from an older fedpriv) is refused with what is wrong with it, and left exactly as it is: a
+ledger is only ever created where no file exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import os
+import hashlib
+import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from fedpriv.errors import FedprivError
-from fedpriv.privacy.dp import DpEvent, compose_epsilon
+import numpy as np
+
+from fedpriv.config import RunConfig
+from fedpriv.privacy.accounting import DpEvent, DpPlan, merge_events, rdp_per_step
+from fedpriv.privacy.identity import (
+    IDENTITY_PATIENT,
+    KeyedRecords,
+    SiteKey,
+    SiteKeyError,
+    key_path_for,
+    projection_keys,
+)
+from fedpriv.privacy.ledger_file import (
+    LedgerError,
+    LedgerSettings,
+    check_file,
+    connect,
+    migrate,
+    now,
+    operational_error,
+    read_meta,
+)
+from fedpriv.privacy.ledger_file import create as create_file
+from fedpriv.privacy.spend import (
+    Groups,
+    Version,
+    decode_members,
+    encode_members,
+    exact_epsilon,
+    group_patients,
+    history_key,
+)
 
 __all__ = [
-    "BudgetExceeded",
-    "DatasetSpend",
     "Ledger",
     "LedgerError",
     "LedgerEvent",
+    "LedgerSettings",
+    "PatientSpend",
     "Reservation",
+    "SpendSummary",
+    "migrate",
+    "simulated_ledger_path",
 ]
 
-SCHEMA_VERSION = 1
-_BUSY_TIMEOUT_SECONDS = 60.0
-_APPLICATION_ID = 0x66707276  # "fprv": marks the file as a fedpriv ledger
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    dataset_id TEXT NOT NULL,
-    dataset_name TEXT NOT NULL,
-    hospital TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
-    sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
-    steps INTEGER NOT NULL CHECK (steps >= 0),
-    accountant TEXT NOT NULL,
-    delta REAL NOT NULL,
-    recorded_at TEXT NOT NULL
-);
-CREATE INDEX events_by_dataset ON events (dataset_id);
-CREATE TABLE budgets (
-    dataset_id TEXT PRIMARY KEY,
-    dataset_name TEXT NOT NULL,
-    hospital TEXT NOT NULL,
-    budget_epsilon REAL NOT NULL,
-    delta REAL NOT NULL,
-    accountant TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-"""
-
-
-class LedgerError(FedprivError):
-    """The ledger file cannot be used; it has been left untouched."""
-
-
-class BudgetExceeded(FedprivError):
-    """This round would take the hospital past its privacy budget."""
-
-    def __init__(self, *, spent: float, projected: float, budget: float) -> None:
-        self.spent = spent
-        self.projected = projected
-        self.budget = budget
-        super().__init__(
-            f"privacy budget: epsilon spent {spent:.3f}, after this round {projected:.3f}, "
-            f"cap {budget:.3f}"
-        )
+LEDGERS_DIR = "ledgers"
+SIMULATED_LEDGER = "simulated-hospitals.sqlite"
 
 
 @dataclasses.dataclass(frozen=True)
 class LedgerEvent:
-    dataset_id: str
-    dataset_name: str
+    id: int
+    vid: int
     hospital: str
+    dataset_name: str
     run_id: str
     round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
-    accountant: str
-    delta: float
+    unit: str
+    excluded: int
     recorded_at: str
 
     @property
@@ -104,240 +99,648 @@ class LedgerEvent:
         return DpEvent(self.noise_multiplier, self.sample_rate, self.steps)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Reservation:
-    """The outcome of a successful budget check: the event is now on record."""
+    """The outcome of a round's budget check; when not ``declined`` the event is on record.
 
-    spent_before: float
-    spent_after: float
-    budget: float
+    ``units[i]`` is the training unit (patient) of record ``i``; ``included[u]`` says whether
+    unit ``u`` trains this round. Epsilons are per patient, the largest over the hospital's
+    patients in this round; ``history`` is that patient's merged events after the round.
+    """
 
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpend:
-    """One row of ``fedpriv budget``."""
-
-    ledger: str
-    hospital: str
-    dataset_name: str
-    dataset_id: str
-    runs: int
-    rounds: int
-    epsilon: float
+    units: np.ndarray
+    included: np.ndarray
+    patients: int
+    excluded: int
+    epsilon_before: float
+    epsilon_after: float
+    exact: bool
+    history: tuple[tuple[float, float, int], ...]
+    budget_epsilon: float
     delta: float
     accountant: str
-    budget_epsilon: float
+    event_id: int | None = None
+    declined: str = ""
 
     @property
-    def remaining(self) -> float:
-        return max(0.0, self.budget_epsilon - self.epsilon)
+    def records(self) -> np.ndarray:
+        """Which records train this round."""
+        return self.included[self.units]
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+@dataclasses.dataclass(frozen=True)
+class SpendSummary:
+    """One ledger, as ``fedpriv budget`` shows it."""
+
+    ledger: str
+    hospitals: tuple[str, ...]
+    patients: int
+    events: int
+    runs: int
+    max_epsilon: float
+    max_exact: bool
+    at_or_over: int
+    threshold: float
+    budget_epsilon: float
+    delta: float
+    accountant: str
+    identity: str
+    #: (epsilon, is it exact, patients) per group of patients with the same history
+    groups: tuple[tuple[float, bool, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientSpend:
+    known: bool
+    epsilon: float
+    exact: bool
+    events: int
+    history: tuple[tuple[float, float, int], ...]
 
 
 class Ledger:
     """Open with :meth:`open`; every method opens and closes its own connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, settings: LedgerSettings, key: SiteKey | None, *, writable: bool
+    ):
         self.path = path
+        self.settings = settings
+        self.key = key
+        self.writable = writable
+        self._versions: dict[int, Version] = {}
+        self._events: list[LedgerEvent] = []
+        self._curves: dict[tuple[float, float], np.ndarray] = {}
+
+    # ---- opening -----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, *, create: bool = True) -> Ledger:
-        ledger = cls(Path(path))
-        if not ledger.path.exists():
-            if not create:
-                raise LedgerError(f"no privacy ledger at '{ledger.path}'")
-            try:
-                ledger.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise LedgerError(f"cannot create ledger directory for '{path}': {exc}") from None
-        ledger._initialise()
-        return ledger
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        create: LedgerSettings | None = None,
+        writable: bool = True,
+        need_key: bool = True,
+    ) -> Ledger:
+        """Open an existing ledger (checked, never changed by opening), or create a new one
+        with the settings ``create`` when no file exists at ``path``.
 
-    # ---- connection and schema ---------------------------------------------------------
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+        ``writable=False`` opens it read-only (reports); ``need_key=False`` opens it without
+        its key file (a report that looks up no patient)."""
+        file = Path(path).expanduser()
+        if not file.exists() and not file.is_symlink():
+            if create is None:
+                raise LedgerError(f"no privacy ledger at '{file}'")
+            create_file(file, create)
+        check_file(file, writable=writable)
+        conn = connect(file, writable=writable)
         try:
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open ledger '{self.path}': {exc}") from None
-        try:
-            yield conn
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(
-                f"ledger '{self.path}' is unreadable ({exc}); it was left untouched: restore it "
-                "from a backup or point to another ledger"
-            ) from None
+            meta = read_meta(conn, file)
         finally:
             conn.close()
-
-    def _initialise(self) -> None:
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+        settings = LedgerSettings(
+            budget_epsilon=float(meta["budget_epsilon"]),
+            delta=float(meta["delta"]),
+            accountant=meta["accountant"],
+            identity=meta["identity"],
+        )
+        key: SiteKey | None = None
+        key_file = key_path_for(file)
+        if need_key or key_file.exists():
             try:
-                tables = {
-                    row[0]
-                    for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-                }
-                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-                if not tables and app_id == 0 and self.path.stat().st_size == 0:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                    conn.execute(
-                        "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                    )
-                    conn.execute("INSERT INTO meta VALUES ('created_at', ?)", (_now(),))
-                    conn.execute("COMMIT")
-                    os.chmod(self.path, 0o600)
-                    return
-                conn.execute("ROLLBACK")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            if app_id != _APPLICATION_ID or not {"meta", "events", "budgets"} <= tables:
+                key = SiteKey.load(key_file)
+            except SiteKeyError as exc:
+                if need_key:
+                    raise LedgerError(
+                        f"{exc}: without it no patient of ledger '{file}' can be recognised, "
+                        "so nothing can be trained; restore it from the site's backup (never "
+                        "create a new one for an existing ledger)"
+                    ) from None
+            if key is not None and key.check_value() != meta["key_check"]:
                 raise LedgerError(
-                    f"'{self.path}' is not a fedpriv privacy ledger; it was left untouched: "
-                    "point --ledger-dir / ledger-path somewhere else"
+                    f"'{key_file}' is not the key of ledger '{file}' (another ledger's?); both "
+                    "were left untouched"
                 )
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise LedgerError(
-                    f"ledger '{self.path}' is damaged ({check}); it was left untouched: "
-                    "restore it from a backup"
-                )
-            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if version is None or int(version[0]) != SCHEMA_VERSION:
-                raise LedgerError(
-                    f"ledger '{self.path}' has schema version {version and version[0]}, this "
-                    f"fedpriv reads version {SCHEMA_VERSION}"
-                )
+        return cls(file, settings, key, writable=writable)
+
+    def check_request(self, settings: LedgerSettings) -> list[str]:
+        """A run's (or site's) settings against this ledger's fixed ones: a larger delta, a
+        higher cap or another way of identifying patients is refused (LedgerError); a lower
+        cap is a notice (the ledger's cap stays what it was)."""
+        mine = self.settings
+        if settings.delta > mine.delta:
+            raise LedgerError(
+                f"delta {settings.delta:g} is larger than the delta {mine.delta:g} that ledger "
+                f"'{self.path}' was created with: every run on a ledger is composed at its "
+                f"delta; use --delta {mine.delta:g} or smaller"
+            )
+        if settings.identity != mine.identity:
+            raise LedgerError(
+                f"ledger '{self.path}' identifies patients by "
+                f"{_describe_identity(mine.identity)}, but this data would be identified by "
+                f"{_describe_identity(settings.identity)}: the same patients would not be "
+                "recognised; keep the ledger's way (patient-column)"
+            )
+        if settings.budget_epsilon > mine.budget_epsilon:
+            raise LedgerError(
+                f"budget-epsilon {settings.budget_epsilon:g} is above the cap "
+                f"{mine.budget_epsilon:g} that ledger '{self.path}' was created with: a "
+                f"ledger's cap cannot be raised; set budget-epsilon to {mine.budget_epsilon:g}"
+            )
+        notices = []
+        if settings.budget_epsilon < mine.budget_epsilon:
+            notices.append(
+                f"budget-epsilon {settings.budget_epsilon:g} is below the ledger's cap "
+                f"{mine.budget_epsilon:g}: the ledger's cap applies (it is fixed at creation)"
+            )
+        return notices
 
     # ---- writing -----------------------------------------------------------------------
 
     def reserve(
         self,
+        keyed: KeyedRecords,
         *,
-        dataset_id: str,
-        dataset_name: str,
+        event: DpEvent,
         hospital: str,
+        dataset_name: str,
         run_id: str,
         round_: int,
-        event: DpEvent,
-        accountant: str,
-        delta: float,
-        budget_epsilon: float,
+        min_patients: int = 1,
+        exact: bool = False,
     ) -> Reservation:
-        """Check the budget and, if this round fits, record its event; atomically.
+        """Check every patient of ``keyed`` against the cap and, if enough fit, record this
+        round's event for those that do; atomically.
 
-        Raises :class:`BudgetExceeded` (and records nothing) if the composed epsilon after
-        this round would exceed ``budget_epsilon``.
+        Patients whose epsilon would pass the cap are excluded (and counted). If fewer than
+        ``min(min_patients, all of them)`` remain, nothing is recorded and the reservation
+        comes back ``declined``. ``exact``: also compute the exact epsilon of the most spent
+        patient (the record; otherwise the fast upper bound is reported).
         """
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                history = self._events(conn, dataset_id)
-                before = compose_epsilon(
-                    [e.event for e in history], delta=delta, accountant=accountant
+        self._need_write()
+        with self._transaction() as conn:
+            links = self._resolve(conn, keyed)
+            units, unit_pids = _units(links)
+            candidates = (
+                np.unique(np.concatenate(unit_pids)) if unit_pids else np.empty(0, np.int64)
+            )
+            groups = self._groups(conn, candidates)
+            cap = self.settings.budget_epsilon
+            delta = self.settings.delta
+            step = event.steps * self._curve(conn, event.noise_multiplier, event.sample_rate)
+            before = groups.fast_epsilon(delta)
+            after = groups.fast_epsilon(delta, step)
+            after_exact = np.zeros(after.shape, dtype=bool)
+            for g in np.flatnonzero(after > cap):  # the fast bound is not enough: ask the exact
+                value = self._exact(conn, merge_events(_plus(groups.histories[g], event)))
+                if value < after[g]:
+                    after[g], after_exact[g] = value, True
+            over_pids = set(groups.pids[np.isin(groups.of, np.flatnonzero(after > cap))].tolist())
+            included = np.array(
+                [not any(int(p) in over_pids for p in pids) for pids in unit_pids], dtype=bool
+            )
+            total = len(unit_pids)
+            needed = min(max(1, min_patients), total)
+            group_of = dict(zip(groups.pids.tolist(), groups.of.tolist(), strict=True))
+            trained_groups = sorted(
+                {group_of[int(p)] for u in np.flatnonzero(included) for p in unit_pids[u]}
+            )
+            current = before.copy()
+            for g in trained_groups:
+                current[g] = after[g]
+            live = [g for g in range(len(groups.histories)) if (groups.of == g).any()]
+            worst = max(live, key=lambda g: current[g]) if live else 0
+            history = (
+                merge_events(_plus(groups.histories[worst], event))
+                if worst in trained_groups
+                else groups.histories[worst]
+            )
+            common: dict[str, Any] = {
+                "units": units,
+                "included": included,
+                "patients": int(included.sum()),
+                "excluded": int(total - included.sum()),
+                "epsilon_before": float(max((before[g] for g in live), default=0.0)),
+                "budget_epsilon": cap,
+                "delta": delta,
+                "accountant": self.settings.accountant,
+            }
+            if int(included.sum()) < needed:
+                value, is_exact = self._record_value(
+                    conn, history, float(current[worst]), exact=True
                 )
-                after = compose_epsilon(
-                    [*(e.event for e in history), event], delta=delta, accountant=accountant
-                )
-                now = _now()
-                conn.execute(
-                    "INSERT INTO budgets VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(dataset_id) DO UPDATE SET budget_epsilon=excluded.budget_epsilon,"
-                    " delta=excluded.delta, accountant=excluded.accountant,"
-                    " updated_at=excluded.updated_at",
-                    (dataset_id, dataset_name, hospital, budget_epsilon, delta, accountant, now),
-                )
-                if after > budget_epsilon:
-                    conn.execute("COMMIT")  # the cap is recorded; the event is not
-                    raise BudgetExceeded(spent=before, projected=after, budget=budget_epsilon)
-                conn.execute(
-                    "INSERT INTO events (dataset_id, dataset_name, hospital, run_id, round,"
-                    " noise_multiplier, sample_rate, steps, accountant, delta, recorded_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        dataset_id,
-                        dataset_name,
-                        hospital,
-                        run_id,
-                        round_,
-                        event.noise_multiplier,
-                        event.sample_rate,
-                        event.steps,
-                        accountant,
-                        delta,
-                        now,
+                return Reservation(
+                    **common,
+                    epsilon_after=value,
+                    exact=is_exact,
+                    history=history,
+                    declined=(
+                        f"{hospital} declines the round: {total - int(included.sum())} of its "
+                        f"{total} patients would pass the cap epsilon {cap:g} (delta {delta:g}); "
+                        f"{int(included.sum())} left, fewer than the {needed} needed"
                     ),
                 )
+            members = np.unique(np.concatenate([unit_pids[u] for u in np.flatnonzero(included)]))
+            vid = self._version(conn, members)
+            cursor = conn.execute(
+                "INSERT INTO events (vid, hospital, dataset_name, run_id, round, noise_multiplier,"
+                " sample_rate, steps, unit, excluded, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    vid,
+                    hospital,
+                    dataset_name,
+                    run_id,
+                    round_,
+                    event.noise_multiplier,
+                    event.sample_rate,
+                    event.steps,
+                    "patient",
+                    total - int(included.sum()),
+                    now(),
+                ),
+            )
+            event_id = int(cursor.lastrowid or 0)
+            value, is_exact = self._record_value(
+                conn, history, float(current[worst]), exact=exact or bool(after_exact[worst])
+            )
+        return Reservation(
+            **common, epsilon_after=value, exact=is_exact, history=history, event_id=event_id
+        )
+
+    def plan(
+        self, *, run_id: str, hospital: str, request: dict[str, Any], make: Callable[[], DpPlan]
+    ) -> DpPlan:
+        """The run's DP plan for this hospital: calibrated once, then read back (every round,
+        every process)."""
+        key = json.dumps(request, sort_keys=True)
+        with self._connect(writable=False) as conn:
+            row = conn.execute(
+                "SELECT plan FROM plans WHERE run_id=? AND hospital=? AND request=?",
+                (run_id, hospital, key),
+            ).fetchone()
+        if row is not None:
+            return DpPlan(**json.loads(row[0]))
+        plan = make()
+        if self.writable:
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO plans VALUES (?, ?, ?, ?, ?)",
+                    (run_id, hospital, key, json.dumps(dataclasses.asdict(plan)), now()),
+                )
+        return plan
+
+    # ---- reading -----------------------------------------------------------------------
+
+    def events(self) -> list[LedgerEvent]:
+        with self._connect(writable=False) as conn:
+            return self._load_events(conn)
+
+    def summary(self, *, threshold: float | None = None, exact: bool = False) -> SpendSummary:
+        """Largest per-patient epsilon, patients at or over ``threshold`` (default: the cap),
+        and every group of patients with the same history. Exact values come from the cache
+        the hospitals filled (or are computed with ``exact``); otherwise the fast bound."""
+        threshold = self.settings.budget_epsilon if threshold is None else threshold
+        with self._connect(writable=False) as conn:
+            pids = np.array(
+                [r[0] for r in conn.execute("SELECT pid FROM patients")], dtype=np.int64
+            )
+            groups = self._groups(conn, pids)
+            events = self._events
+            values = []
+            for g, history in enumerate(groups.histories):
+                fast = float(groups.fast_epsilon(self.settings.delta)[g]) if history else 0.0
+                value, is_exact = self._record_value(conn, history, fast, exact=exact, store=False)
+                values.append((value, is_exact, int((groups.of == g).sum())))
+        live = [v for v in values if v[2] > 0]
+        worst = max(live, default=(0.0, True, 0))
+        return SpendSummary(
+            ledger=str(self.path),
+            hospitals=tuple(sorted({e.hospital for e in events})),
+            patients=int(pids.size),
+            events=len(events),
+            runs=len({e.run_id for e in events}),
+            max_epsilon=worst[0],
+            max_exact=worst[1],
+            at_or_over=sum(n for value, _, n in live if value >= threshold),
+            threshold=threshold,
+            budget_epsilon=self.settings.budget_epsilon,
+            delta=self.settings.delta,
+            accountant=self.settings.accountant,
+            identity=self.settings.identity,
+            groups=tuple(sorted(live, reverse=True)),
+        )
+
+    def patient(self, patient_id: str, *, exact: bool = False) -> PatientSpend:
+        """One patient's spend, looked up by the ID the site knows it by (needs the key)."""
+        if self.key is None:
+            raise LedgerError(
+                f"looking up a patient needs the ledger's key '{key_path_for(self.path)}'"
+            )
+        if not self.settings.identity.startswith(IDENTITY_PATIENT):
+            raise LedgerError(
+                f"ledger '{self.path}' identifies records, not patient IDs (no patient column)"
+            )
+        with self._connect(writable=False) as conn:
+            pids = np.array(
+                [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT pid FROM identities WHERE hash=?", (self.key.patient(patient_id),)
+                    )
+                ],
+                dtype=np.int64,
+            )
+            if pids.size == 0:
+                return PatientSpend(known=False, epsilon=0.0, exact=True, events=0, history=())
+            groups = self._groups(conn, pids)
+            fast = groups.fast_epsilon(self.settings.delta)
+            g = int(np.argmax(fast))
+            value, is_exact = self._record_value(
+                conn, groups.histories[g], float(fast[g]), exact=exact, store=False
+            )
+            vids = {v.vid for v in self._versions.values() if v.contains(pids).any()}
+            count = sum(1 for e in self._events if e.vid in vids)
+        return PatientSpend(
+            known=True, epsilon=value, exact=is_exact, events=count, history=groups.histories[g]
+        )
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _need_write(self) -> None:
+        if not self.writable:
+            raise LedgerError(f"ledger '{self.path}' was opened read-only")
+        if self.key is None:
+            raise LedgerError(f"ledger '{self.path}' was opened without its key")
+
+    @contextmanager
+    def _connect(self, *, writable: bool) -> Iterator[sqlite3.Connection]:
+        conn = connect(self.path, writable=writable)
+        try:
+            yield conn
+        except sqlite3.OperationalError as exc:
+            raise LedgerError(operational_error(self.path, exc)) from None
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(
+                f"ledger '{self.path}' is damaged ({exc}); it was left untouched: restore it "
+                "from the site's backup"
+            ) from None
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect(writable=True) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return Reservation(spent_before=before, spent_after=after, budget=budget_epsilon)
 
-    # ---- reading -----------------------------------------------------------------------
+    def _load_events(self, conn: sqlite3.Connection) -> list[LedgerEvent]:
+        """Events are append-only and versions immutable: read only what is new."""
+        last = self._events[-1].id if self._events else 0
+        rows = conn.execute(
+            "SELECT id, vid, hospital, dataset_name, run_id, round, noise_multiplier,"
+            " sample_rate, steps, unit, excluded, recorded_at FROM events WHERE id > ? ORDER BY id",
+            (last,),
+        ).fetchall()
+        self._events.extend(LedgerEvent(*row) for row in rows)
+        missing = {e.vid for e in self._events} - set(self._versions)
+        if missing:
+            marks = ",".join("?" * len(missing))
+            for vid, members, everyone in conn.execute(
+                f"SELECT vid, members, everyone FROM versions WHERE vid IN ({marks})",
+                tuple(missing),
+            ):
+                self._versions[vid] = Version(vid, decode_members(members), bool(everyone))
+        return list(self._events)
 
-    @staticmethod
-    def _events(conn: sqlite3.Connection, dataset_id: str | None) -> list[LedgerEvent]:
-        query = (
-            "SELECT dataset_id, dataset_name, hospital, run_id, round, noise_multiplier,"
-            " sample_rate, steps, accountant, delta, recorded_at FROM events"
+    def _groups(self, conn: sqlite3.Connection, pids: np.ndarray) -> Groups:
+        events = self._load_events(conn)
+        return group_patients(
+            pids,
+            list(self._versions.values()),
+            [(e.vid, e.event) for e in events if e.steps > 0],
+            lambda sigma, q: self._curve(conn, sigma, q),
         )
-        params: tuple[str, ...] = ()
-        if dataset_id is not None:
-            query += " WHERE dataset_id = ?"
-            params = (dataset_id,)
-        return [LedgerEvent(*row) for row in conn.execute(query + " ORDER BY id", params)]
 
-    def events(self, dataset_id: str | None = None) -> list[LedgerEvent]:
-        with self._connect() as conn:
-            return self._events(conn, dataset_id)
+    def _curve(self, conn: sqlite3.Connection, sigma: float, q: float) -> np.ndarray:
+        """One step's RDP curve: computed once per ledger and kept in it for every process."""
+        key = (float(sigma), float(q))
+        if key in self._curves:
+            return self._curves[key]
+        row = conn.execute(
+            "SELECT rdp FROM mechanisms WHERE noise_multiplier=? AND sample_rate=?", key
+        ).fetchone()
+        if row is not None:
+            curve = np.frombuffer(row[0], dtype=np.float64)
+        else:
+            curve = rdp_per_step(*key)
+            if conn.in_transaction:
+                conn.execute(
+                    "INSERT OR IGNORE INTO mechanisms VALUES (?, ?, ?)", (*key, curve.tobytes())
+                )
+        self._curves[key] = curve
+        return curve
 
-    def spent(self, dataset_id: str, *, delta: float, accountant: str) -> float:
-        return compose_epsilon(
-            [e.event for e in self.events(dataset_id)], delta=delta, accountant=accountant
+    def _exact(
+        self, conn: sqlite3.Connection, history: tuple[tuple[float, float, int], ...]
+    ) -> float:
+        key = history_key(history)
+        row = conn.execute("SELECT epsilon FROM exact_spend WHERE history=?", (key,)).fetchone()
+        if row is not None:
+            return float(row[0])
+        value = exact_epsilon(
+            history, delta=self.settings.delta, accountant=self.settings.accountant
+        )
+        if conn.in_transaction:
+            conn.execute("INSERT OR IGNORE INTO exact_spend VALUES (?, ?)", (key, value))
+        return value
+
+    def _record_value(
+        self,
+        conn: sqlite3.Connection,
+        history: tuple[tuple[float, float, int], ...],
+        fast: float,
+        *,
+        exact: bool,
+        store: bool = True,
+    ) -> tuple[float, bool]:
+        """The value to report for a history: the exact one when cached or asked for (the
+        smaller of it and the fast bound: both are upper bounds), else the fast bound."""
+        if not history:
+            return 0.0, True
+        key = history_key(history)
+        row = conn.execute("SELECT epsilon FROM exact_spend WHERE history=?", (key,)).fetchone()
+        if row is not None:
+            return min(float(row[0]), fast), True
+        if not exact:
+            return fast, False
+        value = exact_epsilon(
+            history, delta=self.settings.delta, accountant=self.settings.accountant
+        )
+        if store and conn.in_transaction:
+            conn.execute("INSERT OR IGNORE INTO exact_spend VALUES (?, ?)", (key, value))
+        return min(value, fast), True
+
+    def _version(self, conn: sqlite3.Connection, members: np.ndarray) -> int:
+        digest = hashlib.sha256(members.astype("<i8").tobytes()).hexdigest()
+        row = conn.execute("SELECT vid FROM versions WHERE digest=?", (digest,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        cursor = conn.execute(
+            "INSERT INTO versions (digest, size, members, everyone, created_at)"
+            " VALUES (?, ?, ?, 0, ?)",
+            (digest, int(members.size), encode_members(members), now()),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def _resolve(self, conn: sqlite3.Connection, keyed: KeyedRecords) -> list[tuple[int, ...]]:
+        """The patient(s) of every record: known identities, else (tables without a patient
+        column, after columns changed) the patients they agree with on the shared columns,
+        else new patients. Several candidates are all kept: the round counts against each."""
+        if self.settings.identity != keyed.mode:
+            self.check_request(dataclasses.replace(self.settings, identity=keyed.mode))
+        unique, inverse = np.unique(keyed.keys, return_inverse=True)
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS lookup (i INTEGER, hash BLOB)")
+        conn.execute("DELETE FROM lookup")
+        conn.executemany(
+            "INSERT INTO lookup VALUES (?, ?)", ((i, bytes(k)) for i, k in enumerate(unique))
+        )
+        found: dict[int, list[int]] = {}
+        for i, pid in conn.execute(
+            "SELECT lookup.i, identities.pid FROM lookup"
+            " JOIN identities ON identities.hash = lookup.hash"
+        ):
+            found.setdefault(int(i), []).append(int(pid))
+        unseen = [i for i in range(unique.size) if i not in found]
+        if unseen and keyed.has_cells:
+            first_rows = np.zeros(unique.size, dtype=np.int64)
+            first_rows[inverse.reshape(-1)[::-1]] = np.arange(inverse.size)[::-1]
+            cid = self._column_set(conn, keyed.columns)
+            rows = first_rows[unseen]
+            cells = keyed.cells(rows)
+            matches = self._match_on_shared_columns(conn, cid, list(keyed.columns), cells)
+            stamp = now()
+            for j, i in enumerate(unseen):
+                pids = matches[j]
+                if not pids:
+                    pids = [
+                        int(
+                            conn.execute(
+                                "INSERT INTO patients (first_seen) VALUES (?)", (stamp,)
+                            ).lastrowid
+                            or 0
+                        )
+                    ]
+                found[i] = pids
+                for pid in pids:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO identities VALUES (?, ?)", (bytes(unique[i]), pid)
+                    )
+                    conn.execute(
+                        "INSERT OR IGNORE INTO cells VALUES (?, ?, ?)",
+                        (pid, cid, cells[j].tobytes()),
+                    )
+        elif unseen:
+            stamp = now()
+            for i in unseen:
+                pid = int(
+                    conn.execute("INSERT INTO patients (first_seen) VALUES (?)", (stamp,)).lastrowid
+                    or 0
+                )
+                conn.execute("INSERT INTO identities VALUES (?, ?)", (bytes(unique[i]), pid))
+                found[i] = [pid]
+        per_key = [tuple(sorted(found[i])) for i in range(unique.size)]
+        return [per_key[i] for i in inverse.reshape(-1)]
+
+    def _column_set(self, conn: sqlite3.Connection, columns: Sequence[str]) -> int:
+        names = json.dumps(sorted(columns))
+        row = conn.execute("SELECT cid FROM column_sets WHERE names=?", (names,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return int(
+            conn.execute("INSERT INTO column_sets (names) VALUES (?)", (names,)).lastrowid or 0
         )
 
-    def summary(self) -> list[DatasetSpend]:
-        """Per dataset identity: runs, rounds, epsilon spent at the recorded delta, cap."""
-        with self._connect() as conn:
-            budgets = {
-                row[0]: row
-                for row in conn.execute(
-                    "SELECT dataset_id, dataset_name, hospital, budget_epsilon, delta, accountant"
-                    " FROM budgets"
-                )
-            }
-            events = self._events(conn, None)
-        rows = []
-        for dataset_id in sorted({e.dataset_id for e in events} | set(budgets)):
-            mine = [e for e in events if e.dataset_id == dataset_id]
-            budget = budgets.get(dataset_id)
-            delta = budget[4] if budget else (mine[-1].delta if mine else 1e-5)
-            accountant = budget[5] if budget else (mine[-1].accountant if mine else "prv")
-            rows.append(
-                DatasetSpend(
-                    ledger=str(self.path),
-                    hospital=budget[2] if budget else mine[-1].hospital,
-                    dataset_name=budget[1] if budget else mine[-1].dataset_name,
-                    dataset_id=dataset_id,
-                    runs=len({e.run_id for e in mine}),
-                    rounds=len(mine),
-                    epsilon=compose_epsilon(
-                        [e.event for e in mine], delta=delta, accountant=accountant
-                    ),
-                    delta=delta,
-                    accountant=accountant,
-                    budget_epsilon=budget[3] if budget else float("inf"),
-                )
-            )
-        return rows
+    def _match_on_shared_columns(
+        self, conn: sqlite3.Connection, cid: int, columns: list[str], cells: np.ndarray
+    ) -> list[list[int]]:
+        """For each new record, the earlier patients (recorded under other column sets) whose
+        cells equal its cells on every column both sets share."""
+        matches: list[set[int]] = [set() for _ in range(cells.shape[0])]
+        for other, names_json in conn.execute(
+            "SELECT cid, names FROM column_sets WHERE cid != ?", (cid,)
+        ).fetchall():
+            names = list(json.loads(names_json))
+            shared = sorted(set(names) & set(columns))
+            if not shared:
+                continue
+            stored = conn.execute("SELECT pid, hashes FROM cells WHERE cid=?", (other,)).fetchall()
+            if not stored:
+                continue
+            old = np.stack([np.frombuffer(h, dtype=np.uint64) for _, h in stored])
+            index: dict[bytes, list[int]] = {}
+            for (pid, _), key in zip(stored, projection_keys(old, names, shared), strict=True):
+                index.setdefault(key, []).append(int(pid))
+            for j, key in enumerate(projection_keys(cells, columns, shared)):
+                matches[j].update(index.get(key, ()))
+        return [sorted(m) for m in matches]
+
+
+# ---- module helpers -----------------------------------------------------------------------
+
+
+def simulated_ledger_path(config: RunConfig) -> Path:
+    """The one ledger every simulated hospital of a run records in: ``--ledger-dir`` (kept
+    across runs), or the run directory's ``ledgers/``."""
+    base = (
+        Path(config.ledger_dir)
+        if config.ledger_dir
+        else (Path(config.out) / config.run_name / LEDGERS_DIR)
+    )
+    return base / SIMULATED_LEDGER
+
+
+def _plus(history: tuple[tuple[float, float, int], ...], event: DpEvent) -> list[DpEvent]:
+    return [*(DpEvent(s, q, k) for s, q, k in history), event]
+
+
+def _units(links: list[tuple[int, ...]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Training units: records that share a patient (possibly through an ambiguous match)
+    are one unit, so no patient can be in two sampled units of one step."""
+    if not links:
+        return np.empty(0, dtype=np.int64), []
+    if all(len(p) == 1 for p in links):
+        primary = np.array([p[0] for p in links], dtype=np.int64)
+        unique, units = np.unique(primary, return_inverse=True)
+        return units.reshape(-1).astype(np.int64), [np.array([p]) for p in unique]
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pids = sorted({p for ps in links for p in ps})
+    column = {p: i for i, p in enumerate(pids)}
+    rows = [r for r, ps in enumerate(links) for _ in ps]
+    cols = [len(links) + column[p] for ps in links for p in ps]
+    size = len(links) + len(pids)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
+    _, labels = connected_components(graph, directed=False)
+    record_labels = labels[: len(links)]
+    unique, units = np.unique(record_labels, return_inverse=True)
+    members: list[set[int]] = [set() for _ in unique]
+    for r, ps in enumerate(links):
+        members[units[r]].update(ps)
+    return units.reshape(-1).astype(np.int64), [
+        np.array(sorted(m), dtype=np.int64) for m in members
+    ]
+
+
+def _describe_identity(identity: str) -> str:
+    if identity.startswith(IDENTITY_PATIENT + ":"):
+        return f"the patient column '{identity.split(':', 1)[1]}'"
+    return "the content of each record (no patient column)"

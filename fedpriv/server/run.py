@@ -146,8 +146,9 @@ def _check_model(
     return fixed, notices
 
 
-def _check_dp(config: RunConfig, split: FederatedSplit) -> list[str]:
-    """Calibrate every hospital's noise now, so a bad delta fails before anything starts."""
+def _check_dp(config: RunConfig, dataset: Dataset, split: FederatedSplit) -> list[str]:
+    """What can fail about DP fails now, before anything starts: a delta too large for the
+    smallest hospital, or one the simulated hospitals' existing ledger does not allow."""
     notices: list[str] = []
     if not config.dp:
         notices.append(
@@ -163,14 +164,42 @@ def _check_dp(config: RunConfig, split: FederatedSplit) -> list[str]:
             "by anyone who knows it, which voids the privacy guarantee against them (tests and "
             "benchmarks only)"
         )
+
     # Each hospital calibrates its own noise; here only what can fail is checked.
-    smallest = min(split.hospitals, key=lambda h: h.train.size)
-    if config.delta >= 1.0 / smallest.train.size:
+    def patients(h: Any) -> int:
+        ids = dataset.source.patient_ids
+        return int(h.train.size if ids is None else len({str(ids[i]) for i in h.train}))
+
+    smallest = min(split.hospitals, key=patients)
+    if config.delta >= 1.0 / patients(smallest):
         raise ConfigError(
-            f"delta {config.delta:g} must be below 1/n = {1.0 / smallest.train.size:.3g} for "
-            f"{smallest.name} with {smallest.train.size} training records: lower --delta"
+            f"delta {config.delta:g} must be below 1/n = {1.0 / patients(smallest):.3g} for "
+            f"{smallest.name} with {patients(smallest)} patients in training: lower --delta"
         )
+    notices += _check_ledger(config, dataset)
     return notices
+
+
+def _check_ledger(config: RunConfig, dataset: Dataset) -> list[str]:
+    """An existing ledger's fixed cap and delta bind every run on it: refuse now."""
+    from fedpriv.privacy.identity import identity_mode
+    from fedpriv.privacy.ledger import Ledger, LedgerError, LedgerSettings, simulated_ledger_path
+
+    path = simulated_ledger_path(config)
+    if not config.ledger_dir or not path.exists():
+        return []
+    try:
+        ledger = Ledger.open(path, writable=False, need_key=False)
+        return ledger.check_request(
+            LedgerSettings(
+                budget_epsilon=config.budget_epsilon,
+                delta=config.delta,
+                accountant=config.accountant,
+                identity=identity_mode(dataset.source),
+            )
+        )
+    except LedgerError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def prepare_run(
@@ -192,13 +221,13 @@ def prepare_run(
                 "was the dataset file changed?"
             )
         checkpoint = _restart(run_dir, config, model_name, model_args)
-        notices = _check_dp(config, split)
+        notices = _check_dp(config, dataset, split)
     else:
         _check_run(config)
         dataset, split = split_for(config)
         model_name, model_args = resolve_model(config, dataset)
         model_args, notices = _check_model(config, model_name, model_args)
-        notices += _check_dp(config, split)
+        notices += _check_dp(config, dataset, split)
         config, run_dir = _new_run_directory(config)
         run_dir.write_config(config, model_name=model_name, model_args=model_args)
         run_dir.write_partitions(split)
@@ -300,6 +329,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         for node in sorted(grid.get_node_ids())
     ]
     shapes: dict[str, tuple[int, ...]] = {}
+    deltas: dict[str, float] = {}
     classes = 0
     errors = []
     for reply in grid.send_and_receive(messages, timeout=plan.config.round_timeout):
@@ -310,6 +340,8 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         shape = tuple(int(d) for d in record[msg.SCHEMA_SHAPE])  # type: ignore[union-attr]
         shapes[hospital_name(reply.content)] = shape
         classes = max(classes, int(record[msg.SCHEMA_CLASSES]))  # type: ignore[arg-type]
+        if msg.SCHEMA_LEDGER_DELTA in record:
+            deltas[hospital_name(reply.content)] = float(record[msg.SCHEMA_LEDGER_DELTA])  # type: ignore[arg-type]
     for error in errors:
         logger.warning("a hospital could not describe its data: %s", error)
     if not shapes:
@@ -318,6 +350,14 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         )
     if len(set(shapes.values())) > 1:
         raise ConfigError(f"the hospitals' data have different feature shapes: {shapes}")
+    refusing = {h: d for h, d in deltas.items() if plan.config.delta > d}
+    if refusing:
+        name, delta = min(refusing.items(), key=lambda item: item[1])
+        raise ConfigError(
+            f"delta {plan.config.delta:g} is larger than the delta {delta:g} that {name}'s "
+            f"privacy ledger is fixed at: every run is composed at a ledger's delta; set "
+            f"delta = {delta:g} or smaller"
+        )
     shape = next(iter(shapes.values()))
     kind = "image" if len(shape) == 3 else "tabular"
     model_name, model_args = default_model(
@@ -380,6 +420,11 @@ def _row(outcome: RoundOutcome, central: dict[str, float], seconds: float) -> di
         "declined": outcome.declined,
         "failed": outcome.failed,
     }
+
+
+def _trained(hospitals: dict[str, dict[str, Any]]) -> set[str]:
+    """Who sent an update this round (their training metrics carry an example count)."""
+    return {name for name, entry in hospitals.items() if "train_examples" in entry}
 
 
 def _num(value: float | None) -> float | None:
@@ -465,9 +510,13 @@ def serve(
         central = plan.central(round_weights) if plan.central and round_weights else {}
         if he_log is not None:
             he_log.record(result)
-        ledger_view.update(result.privacy, rounds_done=result.round)
+        ledger_view.update(
+            result.privacy, rounds_done=result.round, trained=_trained(result.hospitals)
+        )
         row = _row(result, central, result.seconds + time.perf_counter() - started)
         row["epsilon"] = ledger_view.epsilons()
+        if ledger_view.unaccounted:
+            row["unaccounted"] = sorted(ledger_view.unaccounted)
         if config.client_level_dp:
             row["client_epsilon"] = ledger_view.client_level()["epsilon"]
         plan.run_dir.append_metrics(row)
@@ -543,30 +592,56 @@ def make_aggregator(config: RunConfig, *, layout: Layout) -> Aggregator:
 
 
 class PrivacyView:
-    """What the server knows of privacy: each hospital's latest report, and its own
-    client-level accountant. Written to ``privacy.json`` after every round."""
+    """What the server knows of privacy: each hospital's latest report, who trained without
+    reporting any accounting, and its own client-level accountant. Written to
+    ``privacy.json`` after every round."""
 
     def __init__(self, run_dir: RunDirectory, config: RunConfig, aggregator: Aggregator) -> None:
         self.run_dir = run_dir
         self.config = config
         self.aggregator = aggregator
         self.hospitals: dict[str, dict[str, Any]] = {}
+        #: hospitals that trained under sample-level DP without a privacy report: round
+        self.unaccounted: dict[str, int] = {}
         self.client_rounds = 0
 
     def load(self) -> None:
         """On resume: start from what the run recorded so far."""
         saved = self.run_dir.read_privacy()
         self.hospitals = dict(saved.get("hospitals", {}))
+        self.unaccounted = {str(k): int(v) for k, v in saved.get("unaccounted", {}).items()}
         self.client_rounds = int(saved.get("client_level", {}).get("rounds", 0))
 
-    def update(self, reports: dict[str, dict[str, Any]], *, rounds_done: int | None) -> None:
+    def update(
+        self,
+        reports: dict[str, dict[str, Any]],
+        *,
+        rounds_done: int | None,
+        trained: set[str] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
         self.hospitals.update(reports)
+        if self.config.sample_level_dp:
+            for name in sorted(trained):
+                report = reports.get(name)
+                if report is None or report.get("status") != "trained":
+                    # it sent an update but no account of its DP: no epsilon can be claimed
+                    self.unaccounted.setdefault(name, rounds_done or 0)
+                    logger.warning(
+                        "round %s: %s trained without reporting DP accounting: the run makes "
+                        "no DP claim for it",
+                        rounds_done,
+                        name,
+                    )
         if rounds_done is not None and self.config.client_level_dp:
             self.client_rounds += 1
         self.run_dir.write_privacy(self.document())
 
     def epsilons(self) -> dict[str, float]:
-        return {name: float(r["epsilon"]) for name, r in sorted(self.hospitals.items())}
+        return {
+            name: float(r["epsilon"])
+            for name, r in sorted(self.hospitals.items())
+            if name not in self.unaccounted and "epsilon" in r
+        }
 
     def client_level(self) -> dict[str, Any]:
         config = self.config
@@ -600,16 +675,30 @@ class PrivacyView:
 
     def document(self) -> dict[str, Any]:
         config = self.config
+        claim = config.sample_level_dp and not self.unaccounted
         doc: dict[str, Any] = {
-            "dp": config.dp,
+            "dp": config.dp and not self.unaccounted,
             "dp_level": config.dp_level if config.dp else "none",
-            "unit": "one record of one hospital",
+            "dp_claim": claim,
+            "unit": "one patient (all of their records) of one hospital",
             "hospitals": dict(sorted(self.hospitals.items())),
         }
-        if self.hospitals:
-            # disjoint hospitals: the federation's record-level guarantee is the maximum
-            doc["max_epsilon"] = max(float(r["epsilon"]) for r in self.hospitals.values())
-            doc["delta"] = config.delta
+        if self.unaccounted:
+            doc["unaccounted"] = dict(sorted(self.unaccounted.items()))
+            doc["no_claim_reason"] = (
+                "hospitals trained without reporting DP accounting: "
+                + ", ".join(sorted(self.unaccounted))
+            )
+        epsilons = self.epsilons()
+        if claim and epsilons:
+            # disjoint hospitals: the federation's per-patient guarantee is the maximum
+            doc["max_epsilon"] = max(epsilons.values())
+            doc["max_epsilon_exact"] = all(
+                bool(self.hospitals[name].get("epsilon_exact", True)) for name in epsilons
+            )
+            doc["delta"] = max(
+                float(self.hospitals[name].get("delta", config.delta)) for name in epsilons
+            )
         if config.client_level_dp:
             doc["client_level"] = self.client_level()
         return doc

@@ -53,7 +53,13 @@ def test_certs_are_never_overwritten(tmp_path: Path) -> None:
     [
         ({}, "'data-path' is missing"),
         ({"data-path": "x.csv", "budget-epsilon": "lots"}, "'budget-epsilon' must be a number"),
-        ({"data-path": "x.csv", "budget-epsilon": 0}, "'budget-epsilon' must be > 0"),
+        ({"data-path": "x.csv", "budget-epsilon": 0}, "'budget-epsilon' must be a finite number > 0"),
+        (
+            {"data-path": "x.csv", "budget-epsilon": float("nan")},
+            "'budget-epsilon' must be a finite number > 0",
+        ),
+        ({"data-path": "x.csv", "budget-epsilon": "inf"}, "'budget-epsilon' must be a finite"),
+        ({"data-path": "x.csv", "budget-delta": 0.5 * 3}, "'budget-delta' must be in \\(0, 1\\)"),
         ({"data-path": "x.csv", "device": "tpu"}, "'device' must be one of"),
         ({"data-path": "x.csv", "require-dp": "maybe"}, "'require-dp' must be true or false"),
     ],

@@ -107,23 +107,30 @@ def test_gpu_share_without_cuda(tmp_path: Path) -> None:
 
 
 def _ledger_with_spend(path: Path) -> float:
-    from fedpriv.privacy.dp import DpEvent
-    from fedpriv.privacy.ledger import Ledger
+    import numpy as np
 
-    ledger = Ledger.open(path)
+    from fedpriv.data.datasets import RecordSource
+    from fedpriv.privacy.accounting import DpEvent
+    from fedpriv.privacy.ledger import Ledger, LedgerSettings
+
+    ledger = Ledger.open(
+        path,
+        create=LedgerSettings(budget_epsilon=8.0, delta=1e-5, identity="patient-column:mrn"),
+    )
+    assert ledger.key is not None
+    ids = np.array([f"MRN-{i}" for i in range(10)], dtype=object)
+    keyed = ledger.key.records(RecordSource(patient_ids=ids, patient_column="mrn"))
     for round_ in (1, 2):
         reservation = ledger.reserve(
-            dataset_id="abc",
-            dataset_name="digits",
+            keyed,
+            event=DpEvent(1.0, 0.1, 10),
             hospital="hospital-0",
+            dataset_name="digits",
             run_id="r1",
             round_=round_,
-            event=DpEvent(1.0, 0.1, 10),
-            accountant="rdp",
-            delta=1e-5,
-            budget_epsilon=8.0,
+            exact=True,
         )
-    return reservation.spent_after
+    return reservation.epsilon_after
 
 
 def test_budget_table_and_json(tmp_path: Path) -> None:
@@ -134,11 +141,48 @@ def test_budget_table_and_json(tmp_path: Path) -> None:
     assert table.exit_code == 0, table.output
     assert "hospital-0" in table.output and f"{spent:.3f}" in table.output
     machine = runner.invoke(
-        app, ["budget", "--ledger", str(tmp_path / "hospital-0.sqlite"), "--json"]
+        app,
+        ["budget", "--ledger", str(tmp_path / "hospital-0.sqlite"), "--json", "--histogram"],
     )
-    (row,) = json.loads(machine.output)
-    assert row["epsilon"] == pytest.approx(spent) and row["rounds"] == 2 and row["runs"] == 1
+    (entry,) = json.loads(machine.output)
+    row = entry["summary"]
+    assert row["max_epsilon"] == pytest.approx(spent) and row["max_exact"]
+    assert row["events"] == 2 and row["runs"] == 1 and row["patients"] == 10
     assert row["budget_epsilon"] == 8.0 and row["remaining"] == pytest.approx(8.0 - spent)
+    assert sum(band["patients"] for band in entry["histogram"]) == 10
+    one = runner.invoke(
+        app, ["budget", "--ledger", str(tmp_path / "hospital-0.sqlite"), "--patient", "MRN-3"]
+    )
+    said = " ".join(one.output.split())
+    assert one.exit_code == 0 and "'MRN-3': epsilon" in said and "over 2 recorded" in said
+    nobody = runner.invoke(
+        app, ["budget", "--ledger", str(tmp_path / "hospital-0.sqlite"), "--patient", "X"]
+    )
+    assert "has no recorded spend" in " ".join(nobody.output.split())
+    over = runner.invoke(
+        app, ["budget", "--ledger", str(tmp_path / "hospital-0.sqlite"), "--over", "0.1", "--json"]
+    )
+    assert json.loads(over.output)[0]["summary"]["at_or_over"] == 10
+
+
+def test_budget_on_a_zero_byte_ledger_is_one_line_and_keeps_the_file(tmp_path: Path) -> None:
+    """Before, `fedpriv budget` turned an empty file into a new, empty ledger (exit 0)."""
+    path = tmp_path / "zero.sqlite"
+    path.write_bytes(b"")
+    _bad(["budget", "--ledger", str(path)], "empty file (0 bytes)")
+    assert path.read_bytes() == b""
+
+
+def test_budget_migrate_converts_an_older_ledger(tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "old.sqlite"
+    shutil.copy(Path(__file__).parent.parent / "fixtures" / "ledger-schema1.sqlite", path)
+    _bad(["budget", "--ledger", str(path)], "budget migrate")
+    done = runner.invoke(app, ["budget", "migrate", "--ledger", str(path)])
+    assert done.exit_code == 0 and "6 events kept" in " ".join(done.output.split())
+    shown = runner.invoke(app, ["budget", "--ledger", str(path)])
+    assert shown.exit_code == 0, shown.output
 
 
 def test_budget_on_a_corrupted_ledger_is_one_line_and_keeps_the_file(tmp_path: Path) -> None:
