@@ -280,7 +280,8 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
             if row.get("unaccounted"):
                 parts.append(f"NO DP accounting from {', '.join(row['unaccounted'])}")
             elif row.get("epsilon"):
-                parts.append(f"ε ≤ {max(row['epsilon'].values()):.2f}")
+                bound = "" if row.get("epsilon_exact") else "≤ "
+                parts.append(f"ε {bound}{max(row['epsilon'].values()):.2f}")
             if row.get("declined"):
                 parts.append(f"{len(row['declined'])} declined")
             progress.update(task, completed=row["round"], status="  ".join(parts))

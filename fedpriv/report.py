@@ -129,7 +129,15 @@ def _roc_plot(attacks: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _config_table(config: dict[str, Any]) -> str:
+def _config_table(config: dict[str, Any], privacy: dict[str, Any]) -> str:
+    """The run's settings. Where the run can claim no DP (a hospital trained without
+    accounting), its DP settings are shown as what was asked for, not as a guarantee."""
+    shown = dict(config)
+    if privacy.get("unaccounted"):
+        shown["dp"] = "asked for, NOT accounted"
+        for key in ("epsilon", "delta", "budget-epsilon"):
+            if key in shown:
+                shown[key] = f"{shown[key]:g} asked for (no guarantee)"
     keys = [
         "dataset",
         "hospitals",
@@ -151,11 +159,19 @@ def _config_table(config: dict[str, Any]) -> str:
         "seed",
     ]
     cells = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{_fmt(config.get(k))}</td></tr>"
+        f"<tr><td>{html.escape(k)}</td><td>{_setting(k, shown.get(k))}</td></tr>"
         for k in keys
-        if k in config
+        if k in shown
     )
     return f"<table><tr><th>setting</th><th>value</th></tr>{cells}</table>"
+
+
+def _setting(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key == "delta" and isinstance(value, float):
+        return _fmt_small(value)
+    return _fmt(value)
 
 
 def _audit_section(audit: dict[str, Any]) -> str:
@@ -324,7 +340,7 @@ def build_report(run_dir: str | Path) -> Path:
         f"<p>{len(rows)} rounds; final central test accuracy {_fmt(final.get('test_accuracy'))}, "
         f"federated held-out accuracy {_fmt(final.get('eval_accuracy'))}.</p>",
         "<h2>Settings</h2>",
-        _config_table(config),
+        _config_table(config, privacy),
         "<h2>Accuracy per round</h2>",
     ]
     accuracy = _accuracy_plot(rows)

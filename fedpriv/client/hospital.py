@@ -467,6 +467,7 @@ def train_round(
         run_id=config.run_name,
         round_=order.server_round,
         min_patients=config.min_patients,
+        budget_epsilon=privacy.budget_epsilon,
         # the exact epsilon for the record at the run's end; the fast bound meanwhile
         exact=order.server_round >= config.rounds,
     )

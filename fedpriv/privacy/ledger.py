@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -227,7 +228,7 @@ class Ledger:
     def check_request(self, settings: LedgerSettings) -> list[str]:
         """A run's (or site's) settings against this ledger's fixed ones: a larger delta, a
         higher cap or another way of identifying patients is refused (LedgerError); a lower
-        cap is a notice (the ledger's cap stays what it was)."""
+        cap is a notice (it applies to the run; the ledger's own cap stays what it was)."""
         mine = self.settings
         if settings.delta > mine.delta:
             raise LedgerError(
@@ -252,7 +253,8 @@ class Ledger:
         if settings.budget_epsilon < mine.budget_epsilon:
             notices.append(
                 f"budget-epsilon {settings.budget_epsilon:g} is below the ledger's cap "
-                f"{mine.budget_epsilon:g}: the ledger's cap applies (it is fixed at creation)"
+                f"{mine.budget_epsilon:g}: the lower cap applies to this run (the ledger's own "
+                "cap is fixed at creation)"
             )
         return notices
 
@@ -269,6 +271,7 @@ class Ledger:
         round_: int,
         min_patients: int = 1,
         exact: bool = False,
+        budget_epsilon: float | None = None,
     ) -> Reservation:
         """Check every patient of ``keyed`` against the cap and, if enough fit, record this
         round's event for those that do; atomically.
@@ -276,7 +279,8 @@ class Ledger:
         Patients whose epsilon would pass the cap are excluded (and counted). If fewer than
         ``min(min_patients, all of them)`` remain, nothing is recorded and the reservation
         comes back ``declined``. ``exact``: also compute the exact epsilon of the most spent
-        patient (the record; otherwise the fast upper bound is reported).
+        patient (the record; otherwise the fast upper bound is reported). ``budget_epsilon``
+        may lower the cap for this round (never raise it).
         """
         self._need_write()
         with self._transaction() as conn:
@@ -286,7 +290,7 @@ class Ledger:
                 np.unique(np.concatenate(unit_pids)) if unit_pids else np.empty(0, np.int64)
             )
             groups = self._groups(conn, candidates)
-            cap = self.settings.budget_epsilon
+            cap = min(self.settings.budget_epsilon, budget_epsilon or math.inf)
             delta = self.settings.delta
             step = event.steps * self._curve(conn, event.noise_multiplier, event.sample_rate)
             before = groups.fast_epsilon(delta)

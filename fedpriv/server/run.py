@@ -515,6 +515,9 @@ def serve(
         )
         row = _row(result, central, result.seconds + time.perf_counter() - started)
         row["epsilon"] = ledger_view.epsilons()
+        if row["epsilon"]:
+            # an upper bound (RDP) during the run; the exact epsilon once a hospital computed it
+            row["epsilon_exact"] = ledger_view.all_exact()
         if ledger_view.unaccounted:
             row["unaccounted"] = sorted(ledger_view.unaccounted)
         if config.client_level_dp:
@@ -636,6 +639,11 @@ class PrivacyView:
             self.client_rounds += 1
         self.run_dir.write_privacy(self.document())
 
+    def all_exact(self) -> bool:
+        return all(
+            bool(self.hospitals[name].get("epsilon_exact", True)) for name in self.epsilons()
+        )
+
     def epsilons(self) -> dict[str, float]:
         return {
             name: float(r["epsilon"])
@@ -693,9 +701,7 @@ class PrivacyView:
         if claim and epsilons:
             # disjoint hospitals: the federation's per-patient guarantee is the maximum
             doc["max_epsilon"] = max(epsilons.values())
-            doc["max_epsilon_exact"] = all(
-                bool(self.hospitals[name].get("epsilon_exact", True)) for name in epsilons
-            )
+            doc["max_epsilon_exact"] = self.all_exact()
             doc["delta"] = max(
                 float(self.hospitals[name].get("delta", config.delta)) for name in epsilons
             )

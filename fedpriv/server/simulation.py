@@ -147,11 +147,18 @@ def share_gpu(config: RunConfig) -> RunConfig:
 
 
 def run_plan(
-    plan: RunPlan, *, on_round: RoundCallback | None = None, quiet: bool = True
+    plan: RunPlan,
+    *,
+    on_round: RoundCallback | None = None,
+    quiet: bool = True,
+    client_app: Any = None,
 ) -> SimulationResult:
+    """Serve ``plan`` to simulated hospitals running fedpriv's ClientApp (or ``client_app``,
+    e.g. a stock Flower one, to see what fedpriv's server makes of it)."""
     from flwr.simulation import run_simulation
 
-    from fedpriv.client.app import app as client_app
+    if client_app is None:
+        from fedpriv.client.app import app as client_app
 
     config = plan.config
     outcome = ServeOutcome()

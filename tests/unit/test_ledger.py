@@ -282,7 +282,7 @@ def test_a_ledger_refuses_a_larger_delta_a_higher_cap_and_notes_a_lower_one(tmp_
         ledger.check_request(settings(10.0, delta=1e-5))
     assert ledger.check_request(settings(4.0, delta=1e-6)) == []
     (notice,) = ledger.check_request(settings(2.0, delta=1e-5))
-    assert "the ledger's cap applies" in notice
+    assert "the lower cap applies to this run" in notice
     # reopening finds the settings it was created with, whatever is asked now
     again = Ledger.open(tmp_path / "l.sqlite", create=settings(9.0, delta=1e-3))
     assert (again.settings.budget_epsilon, again.settings.delta) == (4.0, 1e-5)
