@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedpriv-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-deployment lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,11 +23,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedpriv simulate --dataset breast-cancer --hospitals 5 --rounds 10 --out runs
 
-## test: the whole suite (unit + integration + deployment); pytest's "no tests" (exit 5) fails
+# pytest's "no tests" (exit 5) fails
+PYTEST = $(BIN)/python -m pytest
+CHECK_COLLECTED = rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+## test: unit and integration tests (real Flower simulations, real Opacus, TenSEAL, SQLite)
 test: $(STAMP)
-	$(BIN)/python -m pytest; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
-	exit $$rc
+	$(PYTEST) tests/unit tests/integration; $(CHECK_COLLECTED)
+
+## test-deployment: real SuperLink / SuperNode processes with TLS (slow: Flower's heartbeats)
+test-deployment: $(STAMP)
+	$(PYTEST) tests/deployment; $(CHECK_COLLECTED)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedpriv tests benchmarks

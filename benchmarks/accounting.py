@@ -66,7 +66,7 @@ def _cumulative(stats: pstats.Stats, wanted: set[tuple[str, str]]) -> float:
 def _warm_up() -> None:
     """What a simulation worker has after its first task: torch's optimizer machinery and
     Opacus imported (several seconds on a 2-core machine, the same before and after)."""
-    import opacus.accountants.analysis.prv  # noqa: F401
+    import opacus.accountants.analysis.prv
     import opacus.accountants.analysis.rdp  # noqa: F401
     import torch
 
@@ -80,8 +80,8 @@ def share(args: argparse.Namespace) -> dict[str, Any]:
     from fedpriv import messages as msg
     from fedpriv.client.hospital import PrivacyState, local_data, train_round
     from fedpriv.config import RunConfig
-    from fedpriv.server.run import initial_weights, resolve_model
     from fedpriv.data import split_for
+    from fedpriv.server.run import initial_weights, resolve_model
 
     _warm_up()
     ledgers = Path(tempfile.mkdtemp(prefix="fedpriv-accounting-"))
@@ -109,9 +109,7 @@ def share(args: argparse.Namespace) -> dict[str, Any]:
         round_profile = cProfile.Profile()
         started = time.perf_counter()
         for data in datas:
-            privacy = PrivacyState(
-                ledger_path=ledgers / f"{data.name}.sqlite", budget_epsilon=10.0
-            )
+            privacy = PrivacyState(ledger_path=ledgers / f"{data.name}.sqlite", budget_epsilon=10.0)
             round_profile.enable()
             train_round(order, data, arrays, privacy=privacy)
             round_profile.disable()
@@ -244,7 +242,8 @@ def main() -> None:
     args = parser.parse_args()
     result: Any = share(args) if args.what == "share" else ledger(args)
     envelope = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
         "result": result,
     }
     print(json.dumps(envelope, indent=2))

@@ -1,7 +1,13 @@
-"""What does DP-SGD cost per training step? Non-private vs Opacus hooks vs ghost clipping.
+"""What does DP-SGD cost per training step? Non-private vs Opacus hooks vs ghost clipping,
+and record-level vs patient-level clipping.
 
     python benchmarks/dp_overhead.py                      # default MLP and CNN, batch 64 and 256
     python benchmarks/dp_overhead.py --shape 1,28,28      # MedMNIST-sized images as well
+    python benchmarks/dp_overhead.py --modes none hooks patient   # patient-level vs record-level
+
+``patient``: the same batch as ``hooks`` (record-level), but its records belong to patients
+of ``--records-per-patient`` records each, and every patient's per-record gradients are
+averaged before clipping (fedpriv's patient-level DP-SGD, hooks mode).
 
 Each configuration runs in a fresh process: ``--steps`` timed steps (forward, backward,
 optimizer step on a fixed batch) after ``--warmup`` untimed ones. Peak memory is the growth of
@@ -20,11 +26,12 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedpriv.models import build
-from fedpriv.privacy.dp import DpPlan, make_private
+from fedpriv.privacy.dp import DpPlan, PatientLevelOptimizer, PoissonUnits, make_private
 from fedpriv.training import make_loader
 
 MODELS = {
@@ -42,6 +49,7 @@ def measure(
     steps: int,
     warmup: int,
     device: str,
+    records_per_patient: int = 4,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -66,16 +74,24 @@ def measure(
             accountant="rdp",
             target_epsilon=1.0,
         )
-        loader = make_loader(x.cpu().numpy(), y.cpu().numpy(), batch_size=batch, shuffle=False)
+        loader: Any = make_loader(x.cpu().numpy(), y.cpu().numpy(), batch_size=batch, shuffle=False)
+        if mode == "patient":
+            units = np.arange(batch) // records_per_patient
+            loader = PoissonUnits(
+                x.cpu().numpy(), y.cpu().numpy(), units, sample_rate=0.1, steps=10
+            )
         private = make_private(
             model=model,
             optimizer=optimizer,
             loader=loader,
             criterion=criterion,
             plan=plan,
-            grad_sample_mode=mode,
+            grad_sample_mode="hooks" if mode == "patient" else mode,
         )
         model, optimizer, criterion = private.model, private.optimizer, private.criterion
+        if isinstance(optimizer, PatientLevelOptimizer):  # the batch: every patient, whole
+            optimizer.segments = torch.from_numpy(np.arange(batch) // records_per_patient)
+            optimizer.units_in_batch = -(-batch // records_per_patient)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -117,6 +133,8 @@ def main() -> None:
         default=[],
         help="extra input shape C,H,W for the CNN (MLP flattens it)",
     )
+    parser.add_argument("--modes", nargs="+", default=["none", "hooks", "ghost"])
+    parser.add_argument("--records-per-patient", type=int, default=4)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -132,6 +150,7 @@ def main() -> None:
                     args.steps,
                     args.warmup,
                     args.device,
+                    args.records_per_patient,
                 )
             )
         )
@@ -144,7 +163,7 @@ def main() -> None:
     for model_name, shape in configs:
         for batch in args.batches:
             row: dict[str, Any] = {"model": model_name, "shape": list(shape), "batch": batch}
-            for mode in ("none", "hooks", "ghost"):
+            for mode in args.modes:
                 spec = json.dumps(
                     {"model": model_name, "shape": list(shape), "batch": batch, "mode": mode}
                 )
@@ -161,6 +180,8 @@ def main() -> None:
                             str(args.warmup),
                             "--device",
                             args.device,
+                            "--records-per-patient",
+                            str(args.records_per_patient),
                         ],
                         check=True,
                         capture_output=True,
@@ -172,8 +193,9 @@ def main() -> None:
                 measured = json.loads(out)
                 row[f"{mode}_ms"] = round(measured["ms_per_step"], 3)
                 row[f"{mode}_peak_mb"] = measured["peak_mb"]
-            row["hooks_x"] = round(row["hooks_ms"] / row["none_ms"], 2)
-            row["ghost_x"] = round(row["ghost_ms"] / row["none_ms"], 2)
+            for mode in args.modes:
+                if mode != "none" and "none_ms" in row:
+                    row[f"{mode}_x"] = round(row[f"{mode}_ms"] / row["none_ms"], 2)
             results.append(row)
             print(json.dumps(row), flush=True)
     report = {

@@ -284,11 +284,9 @@ class Ledger:
         """
         self._need_write()
         with self._transaction() as conn:
-            links = self._resolve(conn, keyed)
-            units, unit_pids = _units(links)
-            candidates = (
-                np.unique(np.concatenate(unit_pids)) if unit_pids else np.empty(0, np.int64)
-            )
+            key_pids, inverse = self._resolve(conn, keyed)
+            units, entry_unit, entry_pid = _units(key_pids, inverse)
+            candidates = np.unique(entry_pid)
             groups = self._groups(conn, candidates)
             cap = min(self.settings.budget_epsilon, budget_epsilon or math.inf)
             delta = self.settings.delta
@@ -300,20 +298,19 @@ class Ledger:
                 value = self._exact(conn, merge_events(_plus(groups.histories[g], event)))
                 if value < after[g]:
                     after[g], after_exact[g] = value, True
-            over_pids = set(groups.pids[np.isin(groups.of, np.flatnonzero(after > cap))].tolist())
-            included = np.array(
-                [not any(int(p) in over_pids for p in pids) for pids in unit_pids], dtype=bool
-            )
-            total = len(unit_pids)
+            # a unit (patient) is left out if any patient it may be is over the cap
+            entry_group = groups.of[np.searchsorted(groups.pids, entry_pid)]
+            total = int(units.max()) + 1 if units.size else 0
+            over = np.zeros(total, dtype=bool)
+            np.logical_or.at(over, entry_unit, (after > cap)[entry_group])
+            included = ~over
             needed = min(max(1, min_patients), total)
-            group_of = dict(zip(groups.pids.tolist(), groups.of.tolist(), strict=True))
-            trained_groups = sorted(
-                {group_of[int(p)] for u in np.flatnonzero(included) for p in unit_pids[u]}
-            )
+            entry_trains = included[entry_unit]
+            trained_groups = np.unique(entry_group[entry_trains]).tolist()
             current = before.copy()
             for g in trained_groups:
                 current[g] = after[g]
-            live = [g for g in range(len(groups.histories)) if (groups.of == g).any()]
+            live = np.unique(groups.of).tolist()
             worst = max(live, key=lambda g: current[g]) if live else 0
             history = (
                 merge_events(_plus(groups.histories[worst], event))
@@ -345,8 +342,7 @@ class Ledger:
                         f"{int(included.sum())} left, fewer than the {needed} needed"
                     ),
                 )
-            members = np.unique(np.concatenate([unit_pids[u] for u in np.flatnonzero(included)]))
-            vid = self._version(conn, members)
+            vid = self._version(conn, np.unique(entry_pid[entry_trains]))
             cursor = conn.execute(
                 "INSERT INTO events (vid, hospital, dataset_name, run_id, round, noise_multiplier,"
                 " sample_rate, steps, unit, excluded, recorded_at)"
@@ -604,10 +600,13 @@ class Ledger:
         )
         return int(cursor.lastrowid or 0)
 
-    def _resolve(self, conn: sqlite3.Connection, keyed: KeyedRecords) -> list[tuple[int, ...]]:
-        """The patient(s) of every record: known identities, else (tables without a patient
-        column, after columns changed) the patients they agree with on the shared columns,
-        else new patients. Several candidates are all kept: the round counts against each."""
+    def _resolve(
+        self, conn: sqlite3.Connection, keyed: KeyedRecords
+    ) -> tuple[list[tuple[int, ...]], np.ndarray]:
+        """The patient(s) of every distinct identity, and each record's identity: known
+        identities, else (tables without a patient column, after columns changed) the
+        patients they agree with on the shared columns, else new patients. Several candidates
+        are all kept: the round counts against each."""
         if self.settings.identity != keyed.mode:
             self.check_request(dataclasses.replace(self.settings, identity=keyed.mode))
         unique, inverse = np.unique(keyed.keys, return_inverse=True)
@@ -660,8 +659,7 @@ class Ledger:
                 )
                 conn.execute("INSERT INTO identities VALUES (?, ?)", (bytes(unique[i]), pid))
                 found[i] = [pid]
-        per_key = [tuple(sorted(found[i])) for i in range(unique.size)]
-        return [per_key[i] for i in inverse.reshape(-1)]
+        return [tuple(sorted(found[i])) for i in range(unique.size)], inverse.reshape(-1)
 
     def _column_set(self, conn: sqlite3.Connection, columns: Sequence[str]) -> int:
         names = json.dumps(sorted(columns))
@@ -715,33 +713,44 @@ def _plus(history: tuple[tuple[float, float, int], ...], event: DpEvent) -> list
     return [*(DpEvent(s, q, k) for s, q, k in history), event]
 
 
-def _units(links: list[tuple[int, ...]]) -> tuple[np.ndarray, list[np.ndarray]]:
+def _units(
+    key_pids: list[tuple[int, ...]], inverse: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training units: records that share a patient (possibly through an ambiguous match)
-    are one unit, so no patient can be in two sampled units of one step."""
-    if not links:
-        return np.empty(0, dtype=np.int64), []
-    if all(len(p) == 1 for p in links):
-        primary = np.array([p[0] for p in links], dtype=np.int64)
-        unique, units = np.unique(primary, return_inverse=True)
-        return units.reshape(-1).astype(np.int64), [np.array([p]) for p in unique]
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    are one unit, so no patient can be in two sampled units of one step.
 
-    pids = sorted({p for ps in links for p in ps})
-    column = {p: i for i, p in enumerate(pids)}
-    rows = [r for r, ps in enumerate(links) for _ in ps]
-    cols = [len(links) + column[p] for ps in links for p in ps]
-    size = len(links) + len(pids)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
-    _, labels = connected_components(graph, directed=False)
-    record_labels = labels[: len(links)]
-    unique, units = np.unique(record_labels, return_inverse=True)
-    members: list[set[int]] = [set() for _ in unique]
-    for r, ps in enumerate(links):
-        members[units[r]].update(ps)
-    return units.reshape(-1).astype(np.int64), [
-        np.array(sorted(m), dtype=np.int64) for m in members
-    ]
+    Returns each record's unit and the (unit, patient) pairs. Units are numbered in the order
+    of their first record, not by patient id (ids follow the site's secret key, and sampling
+    must not depend on it)."""
+    if not key_pids:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    if all(len(p) == 1 for p in key_pids):
+        primary = np.fromiter((p[0] for p in key_pids), dtype=np.int64, count=len(key_pids))
+        pids, key_unit = np.unique(primary, return_inverse=True)
+        entry_unit, entry_pid = np.arange(pids.size), pids
+    else:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        pids = np.unique(np.fromiter((p for ps in key_pids for p in ps), dtype=np.int64))
+        rows = np.fromiter((k for k, ps in enumerate(key_pids) for _ in ps), dtype=np.int64)
+        cols = len(key_pids) + np.searchsorted(
+            pids, np.fromiter((p for ps in key_pids for p in ps), dtype=np.int64)
+        )
+        size = len(key_pids) + pids.size
+        graph = coo_matrix((np.ones(rows.size), (rows, cols)), shape=(size, size))
+        _, labels = connected_components(graph, directed=False)
+        _, key_unit = np.unique(labels[: len(key_pids)], return_inverse=True)
+        pairs = np.unique(np.stack([key_unit[rows], pids[cols - len(key_pids)]]), axis=1)
+        entry_unit, entry_pid = pairs[0], pairs[1]
+    units = key_unit.reshape(-1)[inverse]
+    count = int(units.max()) + 1
+    first = np.full(count, units.size, dtype=np.int64)
+    np.minimum.at(first, units, np.arange(units.size))
+    rank = np.empty(count, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(count)
+    return rank[units], rank[entry_unit], entry_pid.astype(np.int64)
 
 
 def _describe_identity(identity: str) -> str:

@@ -47,14 +47,17 @@ def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, A
     assert rows[-1]["test_accuracy"] is None, "the server holds no data to test on"
     # every site's own ledger shows its spend, and the server only learnt what they reported
     for hospital in HOSPITALS:
-        (spend,) = Ledger.open(kit["sites"][hospital]["ledger-path"], create=False).summary()
-        assert spend.rounds == 2 and 0 < spend.epsilon <= 3.0
-        assert spend.dataset_name == f"{hospital}.csv", "the ledger names the site's own file"
-        assert rows[-1]["epsilon"][hospital] == pytest.approx(spend.epsilon)
+        ledger = Ledger.open(kit["sites"][hospital]["ledger-path"], writable=False)
+        spend = ledger.summary()
+        assert spend.events == 2 and spend.max_exact and 0 < spend.max_epsilon <= 3.0
+        assert {e.dataset_name for e in ledger.events()} == {f"{hospital}.csv"}, (
+            "the ledger names the site's own file"
+        )
+        assert rows[-1]["epsilon"][hospital] == pytest.approx(spend.max_epsilon)
     budget = CliRunner().invoke(
         app, ["budget", "--ledger", kit["sites"]["st-mary"]["ledger-path"], "--json"]
     )
-    assert json.loads(budget.output)[0]["rounds"] == 2
+    assert json.loads(budget.output)[0]["summary"]["events"] == 2
     # the server kept only ciphertext; a hospital decrypts the final model
     assert not (run / "model.pt").exists() and (run / "model.ckks.npz").exists()
     decrypted = CliRunner().invoke(

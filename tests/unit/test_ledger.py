@@ -426,7 +426,7 @@ def test_kill_9_at_any_moment_never_undercounts(tmp_path: Path) -> None:
     acknowledged.touch()
     context = multiprocessing.get_context("spawn")
     rng = random.Random(1)
-    for _ in range(6):
+    for _ in range(4):
         done = len(acknowledged.read_text().split())
         process = context.Process(target=_reserve_forever, args=(str(path), str(acknowledged)))
         process.start()
@@ -442,7 +442,7 @@ def test_kill_9_at_any_moment_never_undercounts(tmp_path: Path) -> None:
         recorded = {e.id for e in ledger.events()}
         acked = {int(x) for x in acknowledged.read_text().split()}
         assert acked <= recorded, "a round the hospital went on to train is always on record"
-    assert len(recorded) >= 6
+    assert len(recorded) >= 4
     # and it goes on: a new round after the crashes is recorded
     one = RecordSource(patient_ids=np.array(["P0"], dtype=object), patient_column="mrn")
     assert reserve(Ledger.open(path), one, run="after").event_id
