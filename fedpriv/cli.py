@@ -735,52 +735,53 @@ def _ledger_paths(ledger: list[Path] | None, ledger_dir: Path | None) -> list[Pa
 
 
 def _histogram(summary: Any, bins: int = 10) -> list[dict[str, Any]]:
-    """Patients per epsilon band, from 0 to the cap (and one band above it)."""
+    """Patients per epsilon band, from 0 to the cap (or to the largest epsilon when every
+    patient is far below the cap), and one band at or over the cap."""
     cap = summary.budget_epsilon
-    edges = [cap * i / bins for i in range(bins + 1)]
+    top = cap if summary.max_epsilon >= cap / 4 else max(summary.max_epsilon * 1.05, 1e-9)
+    edges = [top * i / bins for i in range(bins + 1)]
     rows = []
     for low, high in itertools.pairwise(edges):
-        count = sum(n for eps, _, n in summary.groups if low <= eps < high)
+        count = sum(n for eps, _, n in summary.groups if low <= eps < high and eps < cap)
         rows.append({"from": low, "to": high, "patients": count})
     rows.append(
-        {
-            "from": cap,
-            "to": None,
-            "patients": sum(n for eps, _, n in summary.groups if eps >= cap),
-        }
+        {"from": cap, "to": None, "patients": sum(n for eps, _, n in summary.groups if eps >= cap)}
     )
     return rows
 
 
 def _print_budget(payload: list[dict[str, Any]], patient: str | None) -> None:
-    table = Table(title="Privacy budget per patient (every recorded round composed)")
-    for column in ("ledger", "hospitals", "patients", "rounds", "runs"):
-        table.add_column(
-            column,
-            no_wrap=column != "hospitals",
-            justify="left" if column in ("ledger", "hospitals") else "right",
-        )
-    for column in ("max patient ε", "at/over", "cap", "delta", "accountant", "identity"):
+    table = Table(title="Privacy budget per patient, for life")
+    table.add_column("ledger", no_wrap=True)
+    for column in ("patients", "rounds", "runs", "largest ε", "at/over", "cap (delta)"):
         table.add_column(column, justify="right", no_wrap=True)
     for entry in payload:
         s = entry["summary"]
         table.add_row(
             Path(s.ledger).name,
-            ", ".join(s.hospitals) or "-",
             str(s.patients),
             str(s.events),
             str(s.runs),
-            f"{s.max_epsilon:.3f}" + ("" if s.max_exact else " (≤)"),
+            ("" if s.max_exact else "≤ ") + f"{s.max_epsilon:.3f}",
             f"{s.at_or_over} ≥ {s.threshold:g}",
-            f"{s.budget_epsilon:g}",
-            f"{s.delta:g}",
-            s.accountant.upper(),
-            s.identity,
+            f"{s.budget_epsilon:g} ({s.delta:g})",
         )
     console.print(table)
+    for entry in payload:
+        s = entry["summary"]
+        identity = (
+            f"the patient column '{s.identity.split(':', 1)[1]}'"
+            if ":" in s.identity
+            else "each record's content (no patient column)"
+        )
+        console.print(
+            f"{Path(s.ledger).name}: {', '.join(s.hospitals) or 'no hospital yet'}; "
+            f"{s.accountant.upper()} accountant; patients identified by {identity}",
+            highlight=False,
+        )
     if any(not e["summary"].max_exact for e in payload):
         console.print(
-            "(≤): an upper bound (RDP); the exact value is computed at a run's last round, or "
+            "≤: an upper bound (RDP); the exact value is computed at a run's last round, or "
             "with --exact",
             highlight=False,
         )
@@ -791,11 +792,11 @@ def _print_budget(payload: list[dict[str, Any]], patient: str | None) -> None:
             largest = max((b["patients"] for b in entry["histogram"]), default=0) or 1
             for band in entry["histogram"]:
                 label = (
-                    f"{band['from']:6.2f}-{band['to']:6.2f}"
+                    f"{band['from']:7.3f} - {band['to']:7.3f}"
                     if band["to"] is not None
-                    else f"{band['from']:6.2f}+      "
+                    else f"{band['from']:7.3f} + (cap)"
                 )
-                bar = "#" * round(40 * band["patients"] / largest)
+                bar = "#" * round(30 * band["patients"] / largest)
                 console.print(f"  {label} {band['patients']:>8}  {bar}", highlight=False)
         if patient is not None:
             spend = entry["patient"]

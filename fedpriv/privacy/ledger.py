@@ -284,8 +284,8 @@ class Ledger:
         """
         self._need_write()
         with self._transaction() as conn:
-            key_pids, inverse = self._resolve(conn, keyed)
-            units, entry_unit, entry_pid = _units(key_pids, inverse)
+            primary, extra, inverse = self._resolve(conn, keyed)
+            units, entry_unit, entry_pid = _units(primary, extra, inverse)
             candidates = np.unique(entry_pid)
             groups = self._groups(conn, candidates)
             cap = min(self.settings.budget_epsilon, budget_epsilon or math.inf)
@@ -408,11 +408,14 @@ class Ledger:
             )
             groups = self._groups(conn, pids)
             events = self._events
+            fast = groups.fast_epsilon(self.settings.delta)
+            sizes = groups.sizes()
             values = []
             for g, history in enumerate(groups.histories):
-                fast = float(groups.fast_epsilon(self.settings.delta)[g]) if history else 0.0
-                value, is_exact = self._record_value(conn, history, fast, exact=exact, store=False)
-                values.append((value, is_exact, int((groups.of == g).sum())))
+                value, is_exact = self._record_value(
+                    conn, history, float(fast[g]), exact=exact, store=False
+                )
+                values.append((value, is_exact, int(sizes[g])))
         live = [v for v in values if v[2] > 0]
         worst = max(live, default=(0.0, True, 0))
         return SpendSummary(
@@ -602,64 +605,81 @@ class Ledger:
 
     def _resolve(
         self, conn: sqlite3.Connection, keyed: KeyedRecords
-    ) -> tuple[list[tuple[int, ...]], np.ndarray]:
-        """The patient(s) of every distinct identity, and each record's identity: known
-        identities, else (tables without a patient column, after columns changed) the
-        patients they agree with on the shared columns, else new patients. Several candidates
-        are all kept: the round counts against each."""
+    ) -> tuple[np.ndarray, dict[int, tuple[int, ...]], np.ndarray]:
+        """The patient of every distinct identity (``primary``; ``extra`` for the rare identity
+        that may be several patients) and each record's identity: known identities, else
+        (tables without a patient column, after columns changed) the patients they agree with
+        on the shared columns, else new patients. Several candidates are all kept: the round
+        counts against each."""
         if self.settings.identity != keyed.mode:
             self.check_request(dataclasses.replace(self.settings, identity=keyed.mode))
         unique, inverse = np.unique(keyed.keys, return_inverse=True)
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS lookup (i INTEGER, hash BLOB)")
-        conn.execute("DELETE FROM lookup")
-        conn.executemany(
-            "INSERT INTO lookup VALUES (?, ?)", ((i, bytes(k)) for i, k in enumerate(unique))
-        )
-        found: dict[int, list[int]] = {}
-        for i, pid in conn.execute(
-            "SELECT lookup.i, identities.pid FROM lookup"
-            " JOIN identities ON identities.hash = lookup.hash"
-        ):
-            found.setdefault(int(i), []).append(int(pid))
-        unseen = [i for i in range(unique.size) if i not in found]
-        if unseen and keyed.has_cells:
+        inverse = inverse.reshape(-1)
+        primary, extra = self._known(conn, unique)
+        unseen = np.flatnonzero(primary < 0)
+        if unseen.size and keyed.has_cells:
             first_rows = np.zeros(unique.size, dtype=np.int64)
-            first_rows[inverse.reshape(-1)[::-1]] = np.arange(inverse.size)[::-1]
+            first_rows[inverse[::-1]] = np.arange(inverse.size)[::-1]
             cid = self._column_set(conn, keyed.columns)
-            rows = first_rows[unseen]
-            cells = keyed.cells(rows)
+            cells = keyed.cells(first_rows[unseen])
             matches = self._match_on_shared_columns(conn, cid, list(keyed.columns), cells)
-            stamp = now()
-            for j, i in enumerate(unseen):
-                pids = matches[j]
-                if not pids:
-                    pids = [
-                        int(
-                            conn.execute(
-                                "INSERT INTO patients (first_seen) VALUES (?)", (stamp,)
-                            ).lastrowid
-                            or 0
-                        )
-                    ]
-                found[i] = pids
-                for pid in pids:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO identities VALUES (?, ?)", (bytes(unique[i]), pid)
-                    )
-                    conn.execute(
-                        "INSERT OR IGNORE INTO cells VALUES (?, ?, ?)",
-                        (pid, cid, cells[j].tobytes()),
-                    )
-        elif unseen:
-            stamp = now()
-            for i in unseen:
-                pid = int(
-                    conn.execute("INSERT INTO patients (first_seen) VALUES (?)", (stamp,)).lastrowid
-                    or 0
+            fresh = self._new_patients(conn, sum(1 for m in matches if not m)).tolist()
+            for j, i in enumerate(unseen.tolist()):
+                pids = matches[j] or [fresh.pop()]
+                primary[i] = pids[0]
+                if len(pids) > 1:
+                    extra[i] = tuple(pids)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO identities VALUES (?, ?)",
+                    [(bytes(unique[i]), pid) for pid in pids],
                 )
-                conn.execute("INSERT INTO identities VALUES (?, ?)", (bytes(unique[i]), pid))
-                found[i] = [pid]
-        return [tuple(sorted(found[i])) for i in range(unique.size)], inverse.reshape(-1)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO cells VALUES (?, ?, ?)",
+                    [(pid, cid, cells[j].tobytes()) for pid in pids],
+                )
+        elif unseen.size:
+            primary[unseen] = self._new_patients(conn, int(unseen.size))
+            conn.executemany(
+                "INSERT INTO identities VALUES (?, ?)",
+                zip((bytes(k) for k in unique[unseen]), primary[unseen].tolist(), strict=True),
+            )
+        return primary, extra, inverse
+
+    @staticmethod
+    def _new_patients(conn: sqlite3.Connection, count: int) -> np.ndarray:
+        """``count`` new patient ids (consecutive: the transaction holds the write lock)."""
+        if count == 0:
+            return np.empty(0, dtype=np.int64)
+        last = int(conn.execute("SELECT COALESCE(MAX(pid), 0) FROM patients").fetchone()[0])
+        stamp = now()
+        conn.executemany(
+            "INSERT INTO patients (pid, first_seen) VALUES (?, ?)",
+            ((last + 1 + k, stamp) for k in range(count)),
+        )
+        return np.arange(last + 1, last + 1 + count, dtype=np.int64)
+
+    @staticmethod
+    def _known(
+        conn: sqlite3.Connection, unique: np.ndarray
+    ) -> tuple[np.ndarray, dict[int, tuple[int, ...]]]:
+        """Which of the (sorted, distinct) keys the ledger knows, and their patients (-1: not
+        known): one read of the identities, matched in numpy (0.2 s at 100k patients,
+        against 1.2 s for a join from a temporary table)."""
+        primary = np.full(unique.size, -1, dtype=np.int64)
+        rows = conn.execute("SELECT hash, pid FROM identities ORDER BY hash, pid").fetchall()
+        if not rows:
+            return primary, {}
+        hashes = np.array([bytes(h) for h, _ in rows], dtype="S16")
+        pids = np.fromiter((p for _, p in rows), dtype=np.int64, count=len(rows))
+        left = np.searchsorted(hashes, unique, side="left")
+        right = np.searchsorted(hashes, unique, side="right")
+        known = right > left
+        primary[known] = pids[left[known]]
+        extra = {
+            int(i): tuple(pids[left[i] : right[i]].tolist())
+            for i in np.flatnonzero(right - left > 1)
+        }
+        return primary, extra
 
     def _column_set(self, conn: sqlite3.Connection, columns: Sequence[str]) -> int:
         names = json.dumps(sorted(columns))
@@ -714,7 +734,7 @@ def _plus(history: tuple[tuple[float, float, int], ...], event: DpEvent) -> list
 
 
 def _units(
-    key_pids: list[tuple[int, ...]], inverse: np.ndarray
+    primary: np.ndarray, extra: dict[int, tuple[int, ...]], inverse: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training units: records that share a patient (possibly through an ambiguous match)
     are one unit, so no patient can be in two sampled units of one step.
@@ -722,14 +742,14 @@ def _units(
     Returns each record's unit and the (unit, patient) pairs. Units are numbered in the order
     of their first record, not by patient id (ids follow the site's secret key, and sampling
     must not depend on it)."""
-    if not key_pids:
+    if primary.size == 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty
-    if all(len(p) == 1 for p in key_pids):
-        primary = np.fromiter((p[0] for p in key_pids), dtype=np.int64, count=len(key_pids))
+    if not extra:
         pids, key_unit = np.unique(primary, return_inverse=True)
         entry_unit, entry_pid = np.arange(pids.size), pids
     else:
+        key_pids = [extra.get(k, (int(p),)) for k, p in enumerate(primary)]
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 

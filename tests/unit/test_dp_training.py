@@ -3,6 +3,7 @@ accountant carried across rounds, and models DP-SGD cannot train."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -261,3 +262,30 @@ def test_auto_mode_picks_ghost_for_linear_models_and_hooks_for_convolutions() ->
     assert resolve_grad_sample_mode(cnn, "ghost", proximal=False) == "ghost"
     with pytest.raises(ConfigError, match="plain loss"):
         resolve_grad_sample_mode(mlp, "ghost", proximal=True)
+
+
+def test_a_site_file_with_one_more_record_gives_nobody_a_fresh_budget(tmp_path: Path) -> None:
+    """Deployment: before, a 190-record site file plus one record got a new dataset identity
+    (standardisation used the whole file), so all 191 patients trained on a fresh budget."""
+    from fedpriv.client.hospital import privacy_state
+
+    rng = np.random.default_rng(0)
+    lines = [",".join(f"{v:.3f}" for v in rng.normal(size=30)) + f",{i % 2}" for i in range(190)]
+    header = ",".join(f"f{j}" for j in range(30)) + ",label"
+    site_file = tmp_path / "site.csv"
+    site_file.write_text(header + "\n" + "\n".join(lines) + "\n")
+    node = {"data-path": str(site_file), "ledger-path": str(tmp_path / "ledger.sqlite")}
+    config = RunConfig(rounds=1, epsilon=3.0, run_name="study-1", accountant="rdp")
+    first_data = local_data(config, node)
+    privacy = dataclasses.replace(privacy_state(config, node, first_data.name), budget_epsilon=3.1)
+    first = train_round(_order(config), first_data, _arrays(), privacy=privacy)
+    assert not first.declined and first.privacy["patients"] == first_data.train_labels.size  # type: ignore[index]
+    site_file.write_text(header + "\n" + "\n".join([*lines, lines[0].replace("0.", "9.")]) + "\n")
+    again = local_data(config.replace(run_name="study-2"), node)
+    assert again.train_labels.size + again.held_out_labels.size == 191
+    second = train_round(
+        _order(config.replace(run_name="study-2")), again, _arrays(), privacy=privacy
+    )
+    assert second.declined and second.arrays is None
+    assert second.privacy is not None
+    assert second.privacy["excluded_for_budget"] == first_data.train_labels.size
