@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
@@ -123,3 +124,42 @@ def test_calibration_is_monotone_in_the_target() -> None:
     kwargs = {"delta": 1e-5, "sample_rate": 0.1, "steps": 200, "accountant": "rdp"}
     sigmas = [calibrate_noise(target_epsilon=e, **kwargs) for e in (1.0, 4.0, 8.0)]
     assert sigmas[0] > sigmas[1] > sigmas[2] > 0
+
+
+@pytest.mark.parametrize("events", CASES)
+def test_our_prv_is_opacus_prv_accountant(events: list[DpEvent]) -> None:
+    """fedpriv runs Opacus's PRV algorithm itself, with the safe domain sized from cached
+    RDP curves (cheaper); the epsilon is Opacus's PRVAccountant's."""
+    from opacus.accountants import PRVAccountant
+
+    from fedpriv.privacy.accounting import _exact, merge_events
+
+    accountant = PRVAccountant()
+    accountant.history = [e.as_tuple() for e in events]
+    theirs = accountant.get_epsilon(delta=1e-5)
+    assert _exact(merge_events(events), 1e-5, "prv") == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.parametrize("events", CASES)
+def test_the_fast_bound_is_a_valid_rdp_bound(events: list[DpEvent]) -> None:
+    """The fast path (Opacus's RDP at integer orders, our conversion) equals Google's RDP
+    accountant at the same orders, and is never below the PLD epsilon."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from fedpriv.privacy.accounting import RDP_ORDERS, epsilon_from_rdp, rdp_of
+
+    google = rdp_privacy_accountant.RdpAccountant(orders=list(RDP_ORDERS))
+    for e in events:
+        google.compose(
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(
+                    e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)
+                ),
+                e.steps,
+            )
+        )
+    fast = epsilon_from_rdp(rdp_of(events), 1e-5)
+    np.testing.assert_allclose(rdp_of(events), google.rdp, rtol=1e-6)
+    assert fast == pytest.approx(google.get_epsilon(1e-5), rel=1e-6)
+    assert fast >= google_epsilon(events, 1e-5) * 0.999
+    assert compose_epsilon(events, delta=1e-5, accountant="prv") <= fast
