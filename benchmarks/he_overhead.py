@@ -36,11 +36,11 @@ from fedpriv.privacy.he import (
     write_keys,
 )
 from fedpriv.strategies import Contribution
-from fedpriv.strategies.ckks import (
+from fedpriv.protocols.ckks import (
     CIPHERTEXT,
     FINGERPRINT,
     TOTAL,
-    CkksAggregator,
+    CkksServer,
     ciphertext_array,
     ciphertext_bytes,
     encode_text,
@@ -77,7 +77,7 @@ def micro(width: int, hospitals: int, keys: Path, repeats: int) -> dict[str, Any
         )
     aggregate_times = []
     for _ in range(repeats):
-        aggregator = CkksAggregator(context=server, length=layout.size)
+        aggregator = CkksServer(context=server, length=layout.size, limits=Limits())
         t0 = time.perf_counter()
         result = aggregator.aggregate(contributions)
         aggregate_times.append(time.perf_counter() - t0)

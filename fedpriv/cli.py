@@ -164,9 +164,20 @@ def simulate(
         bool | None,
         typer.Option("--fix-model", help="replace BatchNorm layers with GroupNorm for DP-SGD"),
     ] = None,
+    aggregation: Annotated[
+        str | None,
+        typer.Option(
+            help="plain, ckks (the server adds ciphertexts it cannot read) or secagg "
+            "(pairwise masking: no key anyone holds alone)"
+        ),
+    ] = None,
+    secagg_threshold: Annotated[
+        int | None,
+        typer.Option(help="secagg: hospitals needed to unmask a round [a majority]"),
+    ] = None,
     he: Annotated[
         bool | None,
-        typer.Option("--he", help="sum updates under CKKS encryption (the server only adds)"),
+        typer.Option("--he", help="shorthand for --aggregation ckks"),
     ] = None,
     keys: Annotated[
         str | None,
@@ -226,6 +237,8 @@ def simulate(
         "client-clip-norm": client_clip_norm,
         "client-noise-multiplier": client_noise_multiplier,
         "fix-model": fix_model,
+        "aggregation": aggregation,
+        "secagg-threshold": secagg_threshold,
         "he": he,
         "keys": keys,
         "audit": audit,

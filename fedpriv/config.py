@@ -30,6 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
 DP_LEVELS = ("sample", "client", "both")
+AGGREGATIONS = ("plain", "ckks", "secagg")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,9 +89,17 @@ class RunConfig:
     client_target_quantile: float = 0.5
     client_clip_lr: float = 0.2
     client_count_noise: float = 1.0
-    # homomorphic encryption (the server only adds ciphertexts)
+    # how updates are combined: plain, ckks (the server adds ciphertexts it cannot read;
+    # `he` is its shorthand) or secagg (pairwise masking: no key anyone holds alone)
+    aggregation: str = "plain"
     he: bool = False
     keys: str = ""
+    #: secure aggregation: hospitals needed to unmask a round's sum (0: a majority)
+    secagg_threshold: int = 0
+    #: secure aggregation without client-level DP: the largest update norm a hospital may send
+    secagg_max_norm: float = 10.0
+    #: the most training examples any hospital may claim in a round
+    max_examples: int = 1_000_000
     # audits
     audit: bool = False
     canaries: int = 0
@@ -186,6 +195,26 @@ class RunConfig:
             self.device in DEVICES,
             f"unknown device '{self.device}': use one of {', '.join(DEVICES)}",
         )
+        _check(
+            self.aggregation in AGGREGATIONS,
+            f"unknown aggregation '{self.aggregation}': use one of {', '.join(AGGREGATIONS)}",
+        )
+        _check(
+            not (self.he and self.aggregation not in ("plain", "ckks")),
+            f"--he is the shorthand for --aggregation ckks; it cannot go with {self.aggregation}",
+        )
+        if self.he or self.aggregation == "ckks":  # one spelling inside: both set
+            object.__setattr__(self, "he", True)
+            object.__setattr__(self, "aggregation", "ckks")
+        _check(
+            self.secagg_threshold == 0 or self.secagg_threshold >= 2,
+            f"secagg-threshold must be 0 (a majority) or at least 2 (got {self.secagg_threshold})",
+        )
+        _check(
+            math.isfinite(self.secagg_max_norm) and self.secagg_max_norm > 0,
+            "secagg-max-norm must be a finite number > 0",
+        )
+        _check(self.max_examples >= 1, "max-examples must be at least 1")
         _check(self.gpus_per_hospital >= 0, "gpus-per-hospital must be >= 0")
         _check(self.cpus_per_hospital > 0, "cpus-per-hospital must be > 0")
         _check(bool(self.out), "out must name a directory")
@@ -214,8 +243,16 @@ class RunConfig:
 
     @property
     def client_level_dp(self) -> bool:
-        """Clipping and noise on whole hospitals' updates at the server."""
+        """Clipping and noise on whole hospitals' updates (at the server, or under secure
+        aggregation at the hospitals)."""
         return self.dp and self.dp_level in ("client", "both")
+
+    @property
+    def protocol(self) -> str:
+        """The registered aggregation protocol this run uses."""
+        if self.aggregation == "plain" and self.client_level_dp:
+            return "client-dp"  # the trusted server clips and adds the noise
+        return self.aggregation
 
     def to_mapping(self) -> dict[str, Any]:
         """Kebab-case keys, JSON/TOML/Flower-compatible scalar values."""

@@ -39,6 +39,7 @@ CONFIG = "config"
 METRICS = "metrics"
 HOSPITAL = "hospital"
 PRIVACY = "privacy"  # ConfigRecord: the hospital's privacy spend, as JSON under PRIVACY_JSON
+PROTOCOL = "protocol"  # ConfigRecord: an aggregation protocol's own content (setup, unmasking)
 PRIVACY_JSON = "json"
 
 # MetricRecord key the strategies weight by (Flower's own convention)
@@ -58,6 +59,7 @@ QUERY_AUDIT = "audit"
 SCHEMA = "schema"  # ConfigRecord of a schema reply
 SCHEMA_SHAPE = "input-shape"
 SCHEMA_CLASSES = "num-classes"
+SCHEMA_EXAMPLES = "num-examples"  # the training examples a site declares before round 1
 SCHEMA_LEDGER_DELTA = "ledger-delta"  # the delta a site's ledger composes at (its policy)
 SCHEMA_LEDGER_CAP = "ledger-budget-epsilon"
 PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE, AUDIT_THRESHOLDS, QUERY})
@@ -86,6 +88,11 @@ class TrainingOrder:
     model_name: str
     model_args: dict[str, Any]
     mode: str
+    #: protocol content (keys the run configuration does not have), e.g. secure
+    #: aggregation's participants
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the receiving hospital's Flower node id (set by the ClientApp, not the server)
+    node: int = 0
 
 
 def order_record(
@@ -113,7 +120,8 @@ def parse_order(record: Mapping[str, Any]) -> TrainingOrder:
         raise ConfigError(f"malformed training order from the server: {exc}") from None
     if mode not in (MODE_WEIGHTS, MODE_GRADIENT):
         raise ConfigError(f"unknown update mode '{mode}' in the server's order")
-    # Flower's stock strategies add keys of their own (e.g. FedProx's 'proximal-mu').
+    # Flower's stock strategies add keys of their own (e.g. FedProx's 'proximal-mu'), and
+    # protocols theirs
     known = {k.replace("_", "-") for k in RunConfig.__dataclass_fields__}
     config = RunConfig.from_mapping({k: v for k, v in values.items() if k in known})
     return TrainingOrder(
@@ -122,4 +130,5 @@ def parse_order(record: Mapping[str, Any]) -> TrainingOrder:
         model_name=model_name,
         model_args=dict(model_args),
         mode=mode,
+        extra={k: v for k, v in values.items() if k not in known},
     )

@@ -14,13 +14,16 @@ from fedpriv.client.hospital import (
     HospitalData,
     audit_counts,
     evaluate_round,
-    he_context,
     ledger_settings,
     local_data,
     privacy_state,
+    protocol_side,
     site_settings,
     train_round,
 )
+from fedpriv.errors import FedprivError
+from fedpriv.protocols.secagg import QUERIES as SECAGG_QUERIES
+from fedpriv.protocols.secagg import UNMASK
 
 __all__ = ["app"]
 
@@ -45,6 +48,7 @@ def _hospital_record(
 def _order(message: Message, context: Context) -> msg.TrainingOrder:
     """The server's order, with this site's own choices applied (its device)."""
     order = msg.parse_order(message.content.config_records[msg.CONFIG])
+    order = dataclasses.replace(order, node=int(context.node_id))
     site = site_settings(context.node_config)
     if site is not None and site.device != order.config.device:
         order = dataclasses.replace(order, config=order.config.replace(device=site.device))
@@ -73,7 +77,8 @@ def handle_train(message: Message, context: Context) -> Message:
         if order.config.sample_level_dp
         else None,
         accountant_state=accountant_state,
-        context=he_context(order.config, context.node_config),
+        side=protocol_side(order.config, context.node_config),
+        state=context.state,
     )
     if result.accountant_state is not None:
         context.state[STATE_DP] = ConfigRecord(
@@ -86,13 +91,11 @@ def handle_train(message: Message, context: Context) -> Message:
         content[msg.HOSPITAL] = _hospital_record(data, msg.STATUS_DECLINED, result.declined)
         return Message(content=content, reply_to=message)
     assert result.arrays is not None and result.stats is not None
-    metrics = MetricRecord(
-        {"train-loss": result.stats.loss, msg.NUM_EXAMPLES: int(data.train_labels.size)}
-    )
+    metrics = MetricRecord({"train-loss": result.stats.loss, msg.NUM_EXAMPLES: result.num_examples})
     if result.privacy is not None:
         metrics["epsilon"] = float(result.privacy["epsilon"])
-    for name, seconds in result.he_seconds.items():
-        metrics[f"he-{name}-seconds"] = float(seconds)
+    for name, value in result.figures.items():
+        metrics[name] = float(value)
     content[msg.ARRAYS] = result.arrays
     content[msg.METRICS] = metrics
     content[msg.HOSPITAL] = _hospital_record(data)
@@ -103,9 +106,9 @@ def handle_train(message: Message, context: Context) -> Message:
 def handle_evaluate(message: Message, context: Context) -> Message:
     order = _order(message, context)
     data = local_data(order.config, context.node_config)
-    he = he_context(order.config, context.node_config)
-    stats, decrypt_seconds = evaluate_round(
-        order, data, message.content.array_records[msg.ARRAYS], context=he
+    side = protocol_side(order.config, context.node_config)
+    stats, figures = evaluate_round(
+        order, data, message.content.array_records[msg.ARRAYS], side=side
     )
     metrics = MetricRecord(
         {
@@ -114,9 +117,16 @@ def handle_evaluate(message: Message, context: Context) -> Message:
             msg.NUM_EXAMPLES: stats.num_examples,
         }
     )
-    if he is not None:
-        metrics["he-decrypt-seconds"] = float(decrypt_seconds)
+    for name, value in figures.items():
+        metrics[name] = float(value)
     content = RecordDict({msg.METRICS: metrics, msg.HOSPITAL: _hospital_record(data)})
+    unmask = order.extra.get(UNMASK)
+    if unmask is not None:  # the round's aggregate needs this hospital's part to finish
+        try:
+            part = side.unmask(json.loads(str(unmask)), order.node, context.state)
+            content[msg.PROTOCOL] = ConfigRecord(part)
+        except FedprivError as exc:
+            content.config_records[msg.HOSPITAL][msg.REASON] = str(exc)
     return Message(content=content, reply_to=message)
 
 
@@ -128,6 +138,19 @@ def handle_query(message: Message, context: Context) -> Message:
     if record.get(msg.QUERY) == msg.QUERY_SCHEMA:
         return _schema_reply(message, context)
     order = _order(message, context)
+    if record.get(msg.QUERY) in SECAGG_QUERIES:  # a protocol's setup step
+        data = local_data(order.config, context.node_config)
+        answer = protocol_side(order.config, context.node_config).answer(
+            order,
+            str(record[msg.QUERY]),
+            dict(message.content.config_records[msg.PROTOCOL]),
+            order.node,
+            context.state,
+        )
+        content = RecordDict(
+            {msg.PROTOCOL: ConfigRecord(answer), msg.HOSPITAL: _hospital_record(data)}
+        )
+        return Message(content=content, reply_to=message)
     thresholds = np.asarray(record[msg.AUDIT_THRESHOLDS], dtype=np.float64)
     data = local_data(order.config, context.node_config)
     counts = audit_counts(
@@ -135,7 +158,7 @@ def handle_query(message: Message, context: Context) -> Message:
         data,
         message.content.array_records[msg.ARRAYS],
         thresholds,
-        context=he_context(order.config, context.node_config),
+        side=protocol_side(order.config, context.node_config),
     )
     content = RecordDict({msg.METRICS: MetricRecord(counts), msg.HOSPITAL: _hospital_record(data)})
     return Message(content=content, reply_to=message)
@@ -154,6 +177,8 @@ def _schema_reply(message: Message, context: Context) -> Message:
         {
             msg.SCHEMA_SHAPE: [int(d) for d in data.train_features.shape[1:]],
             msg.SCHEMA_CLASSES: int(labels.max()) + 1,
+            # what it will claim at most: the server refuses larger claims
+            msg.SCHEMA_EXAMPLES: int(data.train_labels.size),
         }
     )
     settings = ledger_settings(config, context.node_config, data.name)

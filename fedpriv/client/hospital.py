@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from fedpriv import messages as msg
 from fedpriv.client.site import DATA_PATH, SiteSettings
@@ -27,7 +26,7 @@ from fedpriv.config import RunConfig
 from fedpriv.data import split_for
 from fedpriv.data.datasets import RecordSource, file_version
 from fedpriv.errors import ConfigError, FedprivError
-from fedpriv.models import build, initial_state
+from fedpriv.models import build
 from fedpriv.privacy.dp import (
     DpPlan,
     PoissonUnits,
@@ -35,14 +34,6 @@ from fedpriv.privacy.dp import (
     plan_dp,
     reseed_from_os,
     resolve_grad_sample_mode,
-)
-from fedpriv.privacy.he import (
-    SECRET_FILE,
-    CkksContext,
-    Layout,
-    decrypt_sum,
-    encrypt_contribution,
-    load_context,
 )
 from fedpriv.privacy.identity import identity_mode
 from fedpriv.privacy.ledger import (
@@ -52,6 +43,8 @@ from fedpriv.privacy.ledger import (
     Reservation,
     simulated_ledger_path,
 )
+from fedpriv.protocols.base import HospitalSide, Update, create_protocol
+from fedpriv.protocols.plain import PlainHospital
 from fedpriv.training import (
     EvalStats,
     TrainStats,
@@ -81,10 +74,6 @@ logger = logging.getLogger(__name__)
 PARTITION_ID = "partition-id"
 LEDGER_PATH = "ledger-path"
 BUDGET_EPSILON = "budget-epsilon"
-
-HE_SECRET_CONTEXT = "he-secret-context"
-
-KEYS_DIR = "keys"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,7 +106,10 @@ class RoundResult:
     declined: str = ""
     privacy: dict[str, Any] | None = None
     accountant_state: dict[str, Any] | None = None
-    he_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the protocol's figures to report as metrics (e.g. he-encrypt-seconds)
+    figures: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the records this round trained on (patients left out for budget are not counted)
+    num_examples: int = 0
 
 
 def _simulated_split(config: RunConfig) -> Any:
@@ -272,86 +264,9 @@ def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: s
     return PrivacyState(ledger_path=path, budget_epsilon=budget, delta=config.delta)
 
 
-def he_context(config: RunConfig, node_config: Mapping[str, Any]) -> CkksContext | None:
-    """The hospitals' secret CKKS context when the run is encrypted."""
-    if not config.he:
-        return None
-    if HE_SECRET_CONTEXT in node_config:
-        path = Path(str(node_config[HE_SECRET_CONTEXT])).expanduser()
-    else:
-        base = Path(config.keys) if config.keys else Path(config.out) / config.run_name / KEYS_DIR
-        path = base / SECRET_FILE
-    return _load_secret(str(path))
-
-
-@functools.lru_cache(maxsize=4)
-def _load_secret(path: str) -> CkksContext:
-    return load_context(path, role="hospital")
-
-
-class GlobalModel:
-    """The global model as this hospital reads it: plaintext, or decrypted under HE."""
-
-    def __init__(
-        self, order: msg.TrainingOrder, arrays: ArrayRecord, context: CkksContext | None
-    ) -> None:
-        from fedpriv.strategies.ckks import (
-            CIPHERTEXT,
-            FINGERPRINT,
-            TOTAL,
-            ciphertext_bytes,
-            decode_text,
-        )
-
-        self.decrypt_seconds = 0.0
-        self.layout: Layout | None = None
-        if context is None:
-            self.weights = {k: v.numpy() for k, v in arrays.items()}
-            return
-        initial = initial_state(order.model_name, order.config.seed, **order.model_args)
-        self.layout = Layout.of(initial)
-        if len(arrays) == 0:  # round 1: the initial model follows from the seed
-            self.weights = initial
-            return
-        if decode_text(arrays[FINGERPRINT]) != context.fingerprint:
-            raise FedprivError(
-                "the server's global model is encrypted under another key than this "
-                f"hospital's ({context.fingerprint}): check he-secret-context / --keys"
-            )
-        started = time.perf_counter()
-        mean = _decrypted(
-            context,
-            ciphertext_bytes(arrays[CIPHERTEXT]),
-            self.layout.size,
-            int(arrays[TOTAL].numpy()[0]),
-        )
-        self.weights = self.layout.unflatten(mean)
-        self.decrypt_seconds = time.perf_counter() - started
-
-    def model(self, order: msg.TrainingOrder) -> torch.nn.Module:
-        model = build(order.model_name, **order.model_args)
-        set_weights(model, self.weights)
-        return model
-
-
-@functools.lru_cache(maxsize=2)
-def _decrypted(context: CkksContext, blob: bytes, length: int, total: int) -> np.ndarray:
-    """Decrypt once per aggregate: evaluation and the next round's training get the same one
-    (and in simulation one worker process serves several hospitals)."""
-    return decrypt_sum(context, blob, length=length, total_examples=total)
-
-
-def _encrypt_reply(
-    context: CkksContext, layout: Layout, weights: dict[str, np.ndarray], num_examples: int
-) -> tuple[ArrayRecord, float]:
-    from fedpriv.strategies.ckks import CIPHERTEXT, FINGERPRINT, ciphertext_array, encode_text
-
-    started = time.perf_counter()
-    blob = encrypt_contribution(context, layout.flatten(weights), num_examples)
-    record = ArrayRecord(
-        {CIPHERTEXT: ciphertext_array(blob), FINGERPRINT: encode_text(context.fingerprint)}
-    )
-    return record, time.perf_counter() - started
+def protocol_side(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalSide:
+    """This hospital's side of the run's aggregation protocol (its keys, for CKKS)."""
+    return create_protocol(config.protocol).hospital(config, node_config)
 
 
 def _seed(order: msg.TrainingOrder, data: HospitalData) -> int:
@@ -382,35 +297,37 @@ def train_round(
     *,
     privacy: PrivacyState | None = None,
     accountant_state: dict[str, Any] | None = None,
-    context: CkksContext | None = None,
+    side: HospitalSide | None = None,
+    state: Any = None,
 ) -> RoundResult:
-    """One round of local training; returns new weights, or the gradient under FedSGD.
-
-    Under HE (``context``) the reply is ``encrypt(n_k * w_k)``; FedSGD's step is then
-    taken here with the server's learning rate, since the server cannot read the model.
-    """
+    """One round of local training; what the hospital sends is the protocol's encoding of
+    its update (``side``; plaintext by default): its weights or gradient, a ciphertext, a
+    masked vector. ``state`` is Flower's context.state (a protocol's secrets live there)."""
     config = order.config
     device = resolve_device(config.device)
-    current = GlobalModel(order, arrays, context)
-    model = current.model(order)
+    side = side if side is not None else PlainHospital()
+    current = side.read(order, arrays)
+    model = build(order.model_name, **order.model_args)
+    set_weights(model, current.weights)
     before = get_weights(model)
 
-    def reply(stats: TrainStats, **extra: Any) -> RoundResult:
-        if context is None:
-            return RoundResult(
-                arrays=_reply_arrays(model, before, gradient_mode), stats=stats, **extra
-            )
-        assert current.layout is not None
-        after = get_weights(model)
-        if gradient_mode:  # w - server_lr * g, with g = before - after (one step at lr 1)
-            after = {k: before[k] - config.server_lr * (before[k] - after[k]) for k in before}
-        encrypted, seconds = _encrypt_reply(
-            context, current.layout, after, int(data.train_labels.size)
+    def reply(stats: TrainStats, examples: int, **extra: Any) -> RoundResult:
+        update = Update(
+            before=before,
+            after=get_weights(model),
+            num_examples=examples,
+            gradient=gradient_mode,
+            server_lr=config.server_lr,
         )
+        try:
+            record, figures = side.encode(order, update, state)
+        except FedprivError as exc:  # e.g. an update outside secure aggregation's range
+            return RoundResult(arrays=None, stats=None, declined=f"{data.name}: {exc}", **extra)
         return RoundResult(
-            arrays=encrypted,
+            arrays=record,
             stats=stats,
-            he_seconds={"decrypt": current.decrypt_seconds, "encrypt": seconds},
+            figures={**current.figures, **figures},
+            num_examples=examples,
             **extra,
         )
 
@@ -439,7 +356,7 @@ def train_round(
             device=device,
             proximal_mu=proximal_mu,
         )
-        return reply(stats)
+        return reply(stats, int(data.train_labels.size))
 
     if privacy is None:
         raise ConfigError("sample-level DP needs a privacy ledger")
@@ -527,6 +444,7 @@ def train_round(
         )
     return reply(
         stats,
+        int(trained.sum()),
         privacy=_privacy_report(
             data,
             plan,
@@ -584,15 +502,6 @@ def _plan_request(order: msg.TrainingOrder, patients: int) -> dict[str, Any]:
     }
 
 
-def _reply_arrays(
-    model: torch.nn.Module, before: dict[str, np.ndarray], gradient_mode: bool
-) -> ArrayRecord:
-    after = get_weights(model)
-    if gradient_mode:  # one step at learning rate 1: w_before - w_after is the gradient
-        return ArrayRecord({k: Array(before[k] - after[k]) for k in before})
-    return ArrayRecord({k: Array(v) for k, v in after.items()})
-
-
 def _privacy_report(
     data: HospitalData,
     plan: DpPlan,
@@ -646,14 +555,14 @@ def audit_counts(
     arrays: ArrayRecord,
     thresholds: np.ndarray,
     *,
-    context: CkksContext | None = None,
+    side: HospitalSide | None = None,
 ) -> dict[str, Any]:
     """The federated LOSS audit at this hospital: counts of its members and non-members
     whose loss under the final model is at or below each threshold. Scores stay here."""
     from fedpriv.privacy.audit.federated import loss_counts
     from fedpriv.training import per_example_losses
 
-    model = GlobalModel(order, arrays, context).model(order)
+    model = _model(order, (side or PlainHospital()).read(order, arrays).weights)
     device = torch.device("cpu")
     members = data.train_labels.size - len(_planted(order, data))
     member_losses, _ = per_example_losses(
@@ -684,16 +593,26 @@ def evaluate_round(
     data: HospitalData,
     arrays: ArrayRecord,
     *,
-    context: CkksContext | None = None,
-) -> tuple[EvalStats, float]:
-    """The global model on this hospital's held-out records (decrypted first under HE), and
-    the seconds spent decrypting it (this is where a round's aggregate is decrypted; the
-    next round's training finds it already decrypted)."""
+    side: HospitalSide | None = None,
+) -> tuple[EvalStats, dict[str, float]]:
+    """The global model on this hospital's held-out records (decrypted first under CKKS),
+    and the protocol's figures (this is where a round's aggregate is decrypted; the next
+    round's training finds it already decrypted)."""
     device = resolve_device(order.config.device)
-    current = GlobalModel(order, arrays, context)
-    model = current.model(order)
+    current = (side or PlainHospital()).read(order, arrays)
     loader = make_loader(
         data.held_out_features, data.held_out_labels, batch_size=1024, shuffle=False
     )
-    stats = evaluate(model, loader, criterion=torch.nn.CrossEntropyLoss(), device=device)
-    return stats, current.decrypt_seconds
+    stats = evaluate(
+        _model(order, current.weights),
+        loader,
+        criterion=torch.nn.CrossEntropyLoss(),
+        device=device,
+    )
+    return stats, current.figures
+
+
+def _model(order: msg.TrainingOrder, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    model = build(order.model_name, **order.model_args)
+    set_weights(model, weights)
+    return model

@@ -198,7 +198,9 @@ def load_context(path: str | Path, *, role: str) -> CkksContext:
         raise HeError(f"cannot read key file '{file}': {exc}") from None
     if not raw.startswith(MAGIC):
         raise HeError(f"'{file}' is not a fedpriv CKKS key file")
-    header_end = raw.index(b"\n", len(MAGIC))
+    header_end = raw.find(b"\n", len(MAGIC))
+    if header_end < 0:
+        raise HeError(f"'{file}' is truncated (its header never ends)")
     try:
         meta = json.loads(raw[len(MAGIC) : header_end])
         params = HeParams(
@@ -211,10 +213,15 @@ def load_context(path: str | Path, *, role: str) -> CkksContext:
     except (ValueError, KeyError, TypeError):
         raise HeError(f"'{file}' has a damaged header") from None
     ts = _tenseal()
+    body = raw[header_end + 1 :]
+    if not body:
+        raise HeError(f"'{file}' is truncated (no CKKS context after its header)")
     try:
-        context = ts.context_from(raw[header_end + 1 :])
-    except (ValueError, RuntimeError) as exc:
-        raise HeError(f"'{file}' holds no readable CKKS context: {exc}") from None
+        context = ts.context_from(body)
+    except Exception as exc:  # TenSEAL raises several types for a damaged context
+        raise HeError(
+            f"'{file}' holds no readable CKKS context (truncated or damaged): {exc}"
+        ) from None
     holds_secret = bool(context.has_secret_key())
     if role == "server" and holds_secret:
         raise HeError(

@@ -39,6 +39,12 @@ class RoundOutcome:
     failed: dict[str, str]
     seconds: float
     privacy: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: which round's model ``eval_metrics`` describe (secure aggregation evaluates the model
+    #: the hospitals trained from while it unmasks; the last round's is evaluated at the end)
+    evaluated_round: int = 0
+    #: the protocol's refusals, and why a round's aggregate failed (the model then stays)
+    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
+    aggregate_failure: str = ""
 
 
 class FederationStopped(Exception):
@@ -174,14 +180,24 @@ def run_rounds(
                 f"min-hospitals={min_hospitals}" + (f" ({detail})" if detail else "")
             )
         new_arrays, train_metrics = strategy.aggregate_train(server_round, ok)
-        if new_arrays is None:
+        side = getattr(strategy, "aggregator", None)
+        deferred = bool(getattr(side, "completes_on_evaluate", False))
+        if new_arrays is None and not deferred:
             raise FederationStopped(f"round {server_round}: no usable update to aggregate")
-        arrays = new_arrays
         hospitals = _per_hospital(ok, "train_examples")
 
+        # evaluation: of the new model, or (deferred) of the model the hospitals trained
+        # from, while the same exchange carries what the protocol needs to finish the round
+        evaluation = ConfigRecord(dict(evaluate_config))
+        if deferred and side is not None:
+            for key, value in side.evaluate_extra().items():
+                evaluation[key] = value
         eval_messages = list(
             strategy.configure_evaluate(
-                server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+                server_round,
+                arrays if deferred or new_arrays is None else new_arrays,
+                evaluation,
+                grid,
             )
         )
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
@@ -189,6 +205,27 @@ def run_rounds(
         for who, reason in eval_failed.items():
             logger.warning("round %d: evaluation at %s failed: %s", server_round, who, reason)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
+        evaluated = server_round - 1 if deferred else server_round
+        failure = ""
+        if deferred and side is not None:
+            new_arrays = side.complete(_protocol_records(eval_ok))
+            if new_arrays is None:
+                failure = side.failure
+                logger.warning("round %d: no aggregate: %s", server_round, failure)
+                new_arrays = arrays  # the global model stays what it was
+            if server_round == last_round:  # the final model, evaluated once
+                final_messages = list(
+                    strategy.configure_evaluate(
+                        server_round, new_arrays, ConfigRecord(dict(evaluate_config)), grid
+                    )
+                )
+                final_replies = list(grid.send_and_receive(final_messages, timeout=timeout))
+                final_ok, _, _ = _split_replies(final_replies, _destinations(final_messages))
+                eval_metrics = strategy.aggregate_evaluate(server_round, final_ok)
+                eval_ok = final_ok
+                evaluated = server_round
+        assert new_arrays is not None
+        arrays = new_arrays
         for name, entry in _per_hospital(eval_ok, "num_examples").items():
             hospitals.setdefault(name, {}).update(entry)
         on_round(
@@ -202,9 +239,22 @@ def run_rounds(
                 failed={**failed, **{f"{k} (evaluate)": v for k, v in eval_failed.items()}},
                 seconds=time.perf_counter() - started,
                 privacy=privacy,
+                evaluated_round=evaluated,
+                rejected=dict(getattr(side, "rejected", []) or []),
+                aggregate_failure=failure,
             )
         )
     return arrays
+
+
+def _protocol_records(replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
+    """Each evaluation reply's protocol record (e.g. unmasking shares), by node."""
+    out: dict[int, dict[str, Any]] = {}
+    for reply in replies:
+        record = reply.content.config_records.get(msg.PROTOCOL)
+        if record is not None:
+            out[int(reply.metadata.src_node_id)] = dict(record)
+    return out
 
 
 def _plain(record: MetricRecord | None) -> dict[str, float]:

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -211,27 +212,38 @@ class RunDirectory:
 
 
 def decrypt_final_model(run: RunDirectory, secret_context: str | Path) -> Path:
-    """A hospital (which holds the secret key) turns the server's encrypted model into model.pt."""
+    """A hospital (which holds the secret key) turns the server's encrypted model into model.pt.
+
+    The model leaves the hospital: its values are flooded with noise (see
+    :func:`fedpriv.protocols.ckks.flood`), so that no exact CKKS decryption is ever published.
+    """
     from fedpriv.models import initial_state
-    from fedpriv.privacy.he import HeError, Layout, decrypt_sum, load_context
-    from fedpriv.strategies.ckks import CIPHERTEXT, FINGERPRINT, TOTAL
+    from fedpriv.privacy.he import HeError, Layout, load_context
+    from fedpriv.protocols.ckks import CIPHERTEXT, FINGERPRINT, TOTAL, decrypt_export
 
     config, model_name, model_args = run.read_config()
     encrypted = run.file(ENCRYPTED_MODEL)
     if not encrypted.is_file():
         raise RunDirectoryError(f"'{run.path}' has no encrypted model ({ENCRYPTED_MODEL})")
     context = load_context(secret_context, role="hospital")
-    with np.load(encrypted, allow_pickle=False) as archive:
-        blob = archive[CIPHERTEXT].tobytes()
-        fingerprint = bytes(archive[FINGERPRINT].astype(np.uint8)).decode(errors="replace")
-        total = int(archive[TOTAL][0])
+    try:
+        with np.load(encrypted, allow_pickle=False) as archive:
+            blob = archive[CIPHERTEXT].astype(np.uint8).tobytes()
+            fingerprint = bytes(archive[FINGERPRINT].astype(np.uint8)).decode(errors="replace")
+            total = int(np.asarray(archive[TOTAL]).reshape(-1)[0])
+    except KeyError as exc:
+        raise RunDirectoryError(
+            f"'{encrypted}' lacks the array {exc}: not an encrypted model"
+        ) from None
+    except (OSError, ValueError, IndexError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        raise RunDirectoryError(f"'{encrypted}' cannot be read: {exc}") from None
     if fingerprint != context.fingerprint:
         raise HeError(
             f"the model is encrypted under key {fingerprint}, '{secret_context}' is "
             f"{context.fingerprint}"
         )
     layout = Layout.of(initial_state(model_name, config.seed, **model_args))
-    weights = layout.unflatten(decrypt_sum(context, blob, length=layout.size, total_examples=total))
+    weights = layout.unflatten(decrypt_export(context, blob, length=layout.size, total=total))
     run.save_model(weights)
     return run.file(MODEL)
 

@@ -96,8 +96,8 @@ def _harness_decryptor(plan: RunPlan) -> Any:
         load_context,
         write_keys,
     )
-    from fedpriv.server.run import KEYS_DIR, initial_weights
-    from fedpriv.strategies.ckks import CIPHERTEXT, TOTAL, ciphertext_bytes
+    from fedpriv.protocols.ckks import CIPHERTEXT, KEYS_DIR, TOTAL, ciphertext_bytes
+    from fedpriv.server.prepare import initial_weights
 
     config = plan.config
     keys = Path(config.keys) if config.keys else plan.run_dir.path / KEYS_DIR

@@ -1,8 +1,9 @@
 """Strategies by name: fedpriv's FedAvg and FedSGD, plus Flower's stock strategies.
 
 ``create_strategy(name, config=..., aggregator=...)`` is the one way the server builds a
-strategy. Stock strategies average plaintext weights themselves, so they take no
-aggregator and cannot run under homomorphic encryption.
+strategy; ``aggregator`` is the run's protocol server side (:mod:`fedpriv.protocols`).
+Stock strategies average plaintext weights themselves, so they take no aggregator and run
+only with plaintext aggregation.
 """
 
 from __future__ import annotations
@@ -13,33 +14,21 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedProx, FedYogi, Strategy
 
 from fedpriv.config import RunConfig
 from fedpriv.errors import ConfigError
-from fedpriv.strategies.aggregators import (
-    Aggregator,
-    Contribution,
-    PlainAggregator,
-    available_aggregators,
-    create_aggregator,
-    register_aggregator,
-)
+from fedpriv.protocols.base import Contribution, ServerSide
 from fedpriv.strategies.fedavg import FedAvg
-from fedpriv.strategies.fedsgd import FedSGD, apply_gradient
+from fedpriv.strategies.fedsgd import FedSGD
 
 __all__ = [
-    "Aggregator",
     "Contribution",
     "FedAvg",
     "FedSGD",
-    "PlainAggregator",
-    "apply_gradient",
-    "available_aggregators",
     "available_strategies",
-    "create_aggregator",
     "create_strategy",
     "is_stock",
-    "register_aggregator",
     "register_strategy",
 ]
 
+Aggregator = ServerSide
 StrategyFactory = Callable[[RunConfig, Aggregator], Strategy]
 _REGISTRY: dict[str, StrategyFactory] = {}
 _STOCK: set[str] = set()

@@ -1,11 +1,12 @@
-"""FedAvg on Flower's Message-API Strategy, with pluggable aggregation.
+"""FedAvg on Flower's Message-API Strategy; how updates are combined is the protocol's.
 
-FedSGD (:mod:`fedpriv.strategies.fedsgd`) is the same class with two hooks overridden.
+FedSGD (:mod:`fedpriv.strategies.fedsgd`) is the same class in gradient mode.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterable, Sequence
 
@@ -14,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpriv import messages as msg
-from fedpriv.strategies.aggregators import Aggregator, Contribution
+from fedpriv.protocols.base import Contribution, ServerSide
 
 __all__ = ["FedAvg", "hospital_name", "weighted_metrics"]
 
@@ -26,13 +27,16 @@ class FedAvg(Strategy):
 
     ``fraction_train`` of the connected hospitals (at least ``min_train_nodes``) train each
     round, sampled with a generator seeded from ``seed`` and the round, so runs repeat.
-    Every connected hospital evaluates.
+    Every connected hospital evaluates. ``aggregator`` is the protocol's server side.
     """
+
+    #: FedSGD: hospitals send gradients (one step at learning rate 1)
+    gradient = False
 
     def __init__(
         self,
         *,
-        aggregator: Aggregator,
+        aggregator: ServerSide,
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
@@ -62,34 +66,44 @@ class FedAvg(Strategy):
         nodes = sorted(grid.get_node_ids())
         size = max(round(len(nodes) * self.fraction_train), self.min_train_nodes)
         size = min(size, len(nodes))
-        sampled = random.Random(self.seed * 100_003 + server_round).sample(nodes, size)
+        sampled = sorted(random.Random(self.seed * 100_003 + server_round).sample(nodes, size))
         self._current = arrays
         config[msg.SERVER_ROUND] = server_round
-        return self._messages(arrays, config, sorted(sampled), MessageType.TRAIN)
+        self.aggregator.expect(sampled)
+        for key, value in self.aggregator.round_extra(sampled).items():
+            config[key] = value
+        return self._messages(arrays, config, sampled, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        contents = [m.content for m in replies if not m.has_error()]
+        usable = [m for m in replies if not m.has_error()]
         contributions = [
             Contribution(
-                hospital=hospital_name(c),
-                arrays=c.array_records[msg.ARRAYS],
-                num_examples=int(c.metric_records[msg.METRICS][msg.NUM_EXAMPLES]),  # type: ignore[arg-type]
+                hospital=hospital_name(m.content),
+                arrays=m.content.array_records[msg.ARRAYS],
+                # as claimed: the protocol's server side checks it
+                num_examples=m.content.metric_records[msg.METRICS].get(msg.NUM_EXAMPLES),
+                node=int(m.metadata.src_node_id),
             )
-            for c in contents
-            if msg.ARRAYS in c.array_records and msg.METRICS in c.metric_records
+            for m in usable
+            if msg.ARRAYS in m.content.array_records and msg.METRICS in m.content.metric_records
         ]
+        assert self._current is not None, "configure_train comes first"
         arrays = (
-            self.aggregator.aggregate(contributions, reference=self._reference())
+            self.aggregator.aggregate(
+                contributions,
+                reference=self._current,
+                gradient=self.gradient,
+                server_round=server_round,
+            )
             if contributions
             else None
         )
-        return arrays, weighted_metrics(contents)
-
-    def _reference(self) -> ArrayRecord | None:
-        """What the hospitals' replies are relative to: the global model they started from."""
-        return self._current
+        refused = {name for name, _ in self.aggregator.rejected}
+        return arrays, weighted_metrics(
+            [m.content for m in usable if hospital_name(m.content) not in refused]
+        )
 
     # ---- evaluation ------------------------------------------------------------------
 
@@ -132,7 +146,10 @@ def weighted_metrics(contents: Sequence[RecordDict]) -> MetricRecord | None:
         record = content.metric_records.get(msg.METRICS)
         if record is None:
             continue
-        n = float(record.get(msg.NUM_EXAMPLES, 0))  # type: ignore[arg-type]
+        raw = record.get(msg.NUM_EXAMPLES, 0)
+        n = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else 0.0
+        if not math.isfinite(n) or n <= 0:  # a claim no one can weigh by
+            continue
         total += int(n)
         for key, value in record.items():
             if key == msg.NUM_EXAMPLES or not isinstance(value, int | float):

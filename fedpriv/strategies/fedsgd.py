@@ -11,19 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedpriv import messages as msg
-from fedpriv.strategies.aggregators import Aggregator
+from fedpriv.protocols.base import ServerSide
 from fedpriv.strategies.fedavg import FedAvg
 
-__all__ = ["FedSGD", "apply_gradient"]
+__all__ = ["FedSGD"]
 
 
 class FedSGD(FedAvg):
-    def __init__(self, *, aggregator: Aggregator, server_lr: float = 1.0, **kwargs: object) -> None:
+    """FedAvg in gradient mode: the protocol's server side takes the step (plaintext), or the
+    hospitals take it themselves and send the model (CKKS) or its change (secure
+    aggregation)."""
+
+    gradient = True
+
+    def __init__(self, *, aggregator: ServerSide, server_lr: float = 1.0, **kwargs: object) -> None:
         super().__init__(aggregator=aggregator, **kwargs)  # type: ignore[arg-type]
         self.server_lr = server_lr
 
@@ -32,28 +37,3 @@ class FedSGD(FedAvg):
     ) -> Iterable[Message]:
         config[msg.MODE] = msg.MODE_GRADIENT
         return super().configure_train(server_round, arrays, config, grid)
-
-    def _reference(self) -> ArrayRecord | None:
-        return None  # gradients are updates already
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        gradient, metrics = super().aggregate_train(server_round, replies)
-        if getattr(self.aggregator, "encrypted", False):
-            # Under HE each hospital took the step itself (it alone can read the model):
-            # the sum is already the new model.
-            return gradient, metrics
-        if gradient is None or self._current is None:
-            return None, metrics
-        return apply_gradient(self._current, gradient, self.server_lr), metrics
-
-
-def apply_gradient(weights: ArrayRecord, gradient: ArrayRecord, lr: float) -> ArrayRecord:
-    """``weights - lr * gradient``, key by key, keeping each array's dtype."""
-    updated = {}
-    for key, array in weights.items():
-        w = array.numpy()
-        g = gradient[key].numpy()
-        updated[key] = Array(np.asarray(w.astype(np.float64) - lr * g, dtype=w.dtype))
-    return ArrayRecord(updated)

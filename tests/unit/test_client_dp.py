@@ -17,8 +17,8 @@ from flwr.app import (
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedpriv.strategies import Contribution
-from fedpriv.strategies.client_dp import (
+from fedpriv.protocols.base import Contribution
+from fedpriv.protocols.client_dp import (
     ClientLevelDpAggregator,
     clip_update,
     update_noise_multiplier,

@@ -13,7 +13,7 @@ from fedpriv.client.app import handle_query
 from fedpriv.client.site import check_site
 from fedpriv.config import RunConfig
 from fedpriv.errors import ConfigError
-from fedpriv.server.run import _prepare_deployment, resolve_model_from_hospitals
+from fedpriv.server.prepare import _prepare_deployment, resolve_model_from_hospitals
 
 
 class InProcessGrid:

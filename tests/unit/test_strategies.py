@@ -19,7 +19,10 @@ from fedpriv.client.hospital import local_data, train_round
 from fedpriv.config import RunConfig
 from fedpriv.errors import ConfigError
 from fedpriv.server.run import initial_weights
-from fedpriv.strategies import Contribution, FedAvg, FedSGD, PlainAggregator, create_strategy
+from fedpriv.protocols.base import Contribution
+from fedpriv.protocols.checks import Limits
+from fedpriv.protocols.plain import PlainServer
+from fedpriv.strategies import FedAvg, FedSGD, create_strategy
 
 
 def _reply(arrays: dict[str, np.ndarray], n: int, name: str, **metrics: float) -> Message:
@@ -51,7 +54,8 @@ def test_plain_aggregator_is_the_example_weighted_mean() -> None:
         )
         for i, (u, n) in enumerate(zip(updates, counts, strict=True))
     ]
-    result = PlainAggregator().aggregate(contributions)
+    reference = ArrayRecord({k: Array(np.zeros_like(v)) for k, v in updates[0].items()})
+    result = PlainServer(limits=Limits()).aggregate(contributions, reference=reference)
     assert result is not None
     for key in ("w", "b"):
         expected = np.average(np.stack([u[key] for u in updates]), axis=0, weights=counts)
@@ -69,14 +73,18 @@ def test_plain_aggregator_drops_a_malformed_update() -> None:
         Contribution("b", ArrayRecord({k: Array(v) for k, v in bad_shape.items()}), 5),
         Contribution("c", ArrayRecord({k: Array(v) for k, v in poisoned.items()}), 5),
     ]
-    result = PlainAggregator().aggregate(contributions)
+    reference = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
+    server = PlainServer(limits=Limits())
+    result = server.aggregate(contributions, reference=reference)
     assert result is not None
     np.testing.assert_array_equal(result["w"].numpy(), good["w"])
+    assert [name for name, _ in server.rejected] == ["b", "c"]
 
 
 @pytest.mark.usefixtures("flower_task")
 def test_fedavg_aggregate_train_weights_models_and_metrics() -> None:
-    strategy = FedAvg(aggregator=PlainAggregator())
+    strategy = FedAvg(aggregator=PlainServer(limits=Limits()))
+    strategy._current = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     replies = [
         _reply({"w": np.array([0.0, 0.0], dtype=np.float32)}, 1, "a", **{"train-loss": 1.0}),
         _reply({"w": np.array([4.0, 8.0], dtype=np.float32)}, 3, "b", **{"train-loss": 3.0}),
@@ -130,8 +138,9 @@ def test_fedsgd_round_equals_fedavg_with_one_full_batch_step(dataset: str) -> No
             )
         return out
 
-    fedavg = FedAvg(aggregator=PlainAggregator())
-    fedsgd = FedSGD(aggregator=PlainAggregator(), server_lr=lr)
+    fedavg = FedAvg(aggregator=PlainServer(limits=Limits()))
+    fedsgd = FedSGD(aggregator=PlainServer(limits=Limits(), server_lr=lr), server_lr=lr)
+    fedavg._current = arrays
     avg_arrays, _ = fedavg.aggregate_train(1, replies(msg.MODE_WEIGHTS))
     fedsgd._current = arrays  # what configure_train records before the round
     sgd_arrays, _ = fedsgd.aggregate_train(1, replies(msg.MODE_GRADIENT))
@@ -146,6 +155,9 @@ def test_fedsgd_round_equals_fedavg_with_one_full_batch_step(dataset: str) -> No
 def test_stock_and_unknown_strategies() -> None:
     config = RunConfig()
     for name in ("fedprox", "fedadam", "fedyogi", "fedavgm", "fedavg", "fedsgd"):
-        assert create_strategy(name, config=config, aggregator=PlainAggregator()) is not None
+        assert (
+            create_strategy(name, config=config, aggregator=PlainServer(limits=Limits()))
+            is not None
+        )
     with pytest.raises(ConfigError, match="unknown strategy 'fedfoo'"):
-        create_strategy("fedfoo", config=config, aggregator=PlainAggregator())
+        create_strategy("fedfoo", config=config, aggregator=PlainServer(limits=Limits()))

@@ -1,4 +1,9 @@
-"""Client-level DP: the server clips each hospital's whole update and noises the aggregate.
+"""Client-level DP by a trusted server: it clips each hospital's whole update and noises the
+aggregate (``dp-level client|both`` with plaintext aggregation).
+
+The server sees every raw update and adds the noise itself, so it must be trusted with both;
+with ``aggregation secagg`` the hospitals clip and add the noise instead (distributed DP,
+:mod:`fedpriv.protocols.secagg`), and the server never sees an un-noised aggregate.
 
 This protects a hospital as a whole (all its records at once), against whoever sees the
 final model. Each update ``u_k = w_k - w`` (or the gradient under FedSGD) is clipped to L2
@@ -24,13 +29,16 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedpriv.strategies.aggregators import Aggregator, Contribution, register_aggregator
+from fedpriv.protocols.base import Contribution, Protocol, ServerSide, register_protocol
+from fedpriv.protocols.checks import Limits, Rejected, check_arrays
+from fedpriv.protocols.plain import PlainHospital
 
-__all__ = ["ClientLevelDpAggregator", "clip_update"]
+__all__ = ["ClientLevelDpAggregator", "clip_update", "update_noise_multiplier"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +66,7 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> 
     return float((noise_multiplier**-2 - (2 * count_noise_std) ** -2) ** -0.5)
 
 
-@register_aggregator("client-dp")
-class ClientLevelDpAggregator(Aggregator):
+class ClientLevelDpAggregator(ServerSide):
     def __init__(
         self,
         *,
@@ -69,7 +76,10 @@ class ClientLevelDpAggregator(Aggregator):
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
         count_noise_std: float = 1.0,
+        server_lr: float = 1.0,
     ) -> None:
+        super().__init__()
+        self.server_lr = server_lr
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.adaptive = adaptive
@@ -88,29 +98,34 @@ class ClientLevelDpAggregator(Aggregator):
         self._rng = np.random.default_rng(secrets.randbits(128))
 
     def aggregate(
-        self, contributions: Sequence[Contribution], *, reference: ArrayRecord | None = None
+        self,
+        contributions: Sequence[Contribution],
+        *,
+        reference: ArrayRecord | None = None,
+        gradient: bool = False,
+        server_round: int = 0,
     ) -> ArrayRecord | None:
+        """Uniform mean of the clipped updates (weights minus the global model; under FedSGD
+        the gradients) plus noise; example counts play no part (they would make one
+        hospital's influence unbounded)."""
+        self.rejected = []
+        if reference is None:
+            raise ValueError("the global model the hospitals started from is needed")
         if not contributions:
             return None
-        base = (
-            {k: v.numpy().astype(np.float64) for k, v in reference.items()}
-            if reference is not None
-            else None
-        )
-        keys = list(contributions[0].arrays.keys())
-        total = {k: np.zeros(contributions[0].arrays[k].numpy().shape) for k in keys}
+        base = {k: v.numpy().astype(np.float64) for k, v in reference.items()}
+        keys = list(base)
+        total = {k: np.zeros(base[k].shape) for k in keys}
         norms = []
         used = 0
         for contribution in contributions:
-            values = {k: v.numpy().astype(np.float64) for k, v in contribution.arrays.items()}
-            if (
-                set(values) != set(keys)
-                or any(values[k].shape != total[k].shape for k in keys)
-                or not all(np.isfinite(v).all() for v in values.values())
-            ):
-                logger.warning("dropping the malformed update of %s", contribution.hospital)
+            try:
+                checked = check_arrays(contribution.arrays, reference)
+            except Rejected as why:
+                self.reject(contribution.hospital, str(why))
                 continue
-            update = {k: values[k] - base[k] for k in keys} if base is not None else values
+            values = {k: v.astype(np.float64) for k, v in checked.items()}
+            update = values if gradient else {k: values[k] - base[k] for k in keys}
             clipped, norm = clip_update(update, self.clip_norm)
             norms.append(norm)
             for k in keys:
@@ -124,8 +139,8 @@ class ClientLevelDpAggregator(Aggregator):
         result = {}
         for k in keys:
             mean = total[k] / m + self._rng.normal(0.0, std, size=total[k].shape)
-            value = (base[k] + mean) if base is not None else mean
-            result[k] = Array(np.asarray(value, dtype=contributions[0].arrays[k].numpy().dtype))
+            value = base[k] - self.server_lr * mean if gradient else base[k] + mean
+            result[k] = Array(np.asarray(value, dtype=reference[k].numpy().dtype))
         self.rounds += 1
         self.last_norms = norms
         if self.adaptive:
@@ -141,3 +156,29 @@ class ClientLevelDpAggregator(Aggregator):
             std,
         )
         return ArrayRecord(result)
+
+
+def _server(config: Any, *, limits: Limits, **_: Any) -> ClientLevelDpAggregator:
+    return ClientLevelDpAggregator(
+        clip_norm=config.client_clip_norm,
+        noise_multiplier=config.client_noise_multiplier,
+        adaptive=config.client_adaptive_clip,
+        target_quantile=config.client_target_quantile,
+        clip_lr=config.client_clip_lr,
+        count_noise_std=config.client_count_noise,
+        server_lr=config.server_lr,
+    )
+
+
+def _hospital(config: Any, node_config: Any) -> PlainHospital:
+    return PlainHospital()
+
+
+CLIENT_DP = register_protocol(
+    Protocol(
+        name="client-dp",
+        server=_server,
+        hospital=_hospital,
+        summary="plaintext updates; the server (trusted) clips each and adds the noise",
+    )
+)
