@@ -35,7 +35,7 @@ from fedpriv.privacy.he import (
     load_context,
     write_keys,
 )
-from fedpriv.strategies import Contribution
+from fedpriv.protocols.checks import Limits
 from fedpriv.protocols.ckks import (
     CIPHERTEXT,
     FINGERPRINT,
@@ -45,6 +45,7 @@ from fedpriv.protocols.ckks import (
     ciphertext_bytes,
     encode_text,
 )
+from fedpriv.strategies import Contribution
 
 WIDTHS = {"10k": 85, "100k": 300, "1M": 984}
 

@@ -257,8 +257,8 @@ def test_a_hospital_decrypts_the_servers_final_model(keys: Path, tmp_path: Path)
     from fedpriv.cli import app
     from fedpriv.config import RunConfig
     from fedpriv.models import initial_state
-    from fedpriv.server.rundir import RunDirectory
     from fedpriv.protocols.ckks import array_to_numpy
+    from fedpriv.server.rundir import RunDirectory
 
     args = {"in_features": 30, "num_classes": 2}
     run = RunDirectory.create(tmp_path / "run")

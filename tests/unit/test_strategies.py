@@ -18,10 +18,10 @@ from fedpriv import messages as msg
 from fedpriv.client.hospital import local_data, train_round
 from fedpriv.config import RunConfig
 from fedpriv.errors import ConfigError
-from fedpriv.server.run import initial_weights
 from fedpriv.protocols.base import Contribution
 from fedpriv.protocols.checks import Limits
 from fedpriv.protocols.plain import PlainServer
+from fedpriv.server.run import initial_weights
 from fedpriv.strategies import FedAvg, FedSGD, create_strategy
 
 
