@@ -104,8 +104,11 @@ class SecAggHospital(HospitalSide):
     """A hospital's side. Its secrets live in Flower's context.state for the run (the
     SuperNode's memory), never in the run directory or any message in the clear."""
 
-    def __init__(self, *, bound: float, client_dp: tuple[float, float] | None) -> None:
+    def __init__(
+        self, *, bound: float, max_norm: float, client_dp: tuple[float, float] | None
+    ) -> None:
         self.bound = bound
+        self.max_norm = max_norm
         #: (clip norm S, noise multiplier z) of distributed client-level DP, or None
         self.client_dp = client_dp
         self._rng = np.random.default_rng(secrets.randbits(128))
@@ -171,6 +174,13 @@ class SecAggHospital(HospitalSide):
             delta = delta + self._rng.normal(0.0, z * clip / math.sqrt(threshold), delta.size)
             weight = 1.0
         else:
+            norm = float(np.linalg.norm(delta))
+            if not math.isfinite(norm) or norm > self.max_norm:
+                raise FedprivError(
+                    f"secure aggregation: this hospital's update has norm {norm:.4g}, more than "
+                    f"secagg-max-norm {self.max_norm:g} (an error, never a silent clip): it "
+                    "declines the round"
+                )
             weight = update.num_examples / float(order.extra["weight-unit"])
         vector = np.append(weight * delta, weight)
         quantizer = Quantizer(bound=float(order.extra["bound"]), parties=len(participants))
@@ -691,7 +701,9 @@ def _server(config: Any, *, limits: Limits, weight_unit: float = 0.0, **_: Any) 
 
 
 def _hospital(config: Any, node_config: Any) -> SecAggHospital:
-    return SecAggHospital(bound=_bound(config), client_dp=_client_dp(config))
+    return SecAggHospital(
+        bound=_bound(config), max_norm=config.secagg_max_norm, client_dp=_client_dp(config)
+    )
 
 
 SECAGG = register_protocol(

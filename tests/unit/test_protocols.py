@@ -1,0 +1,416 @@
+"""Every registered aggregation protocol, both sides, in one process (only the transport is
+left out): the aggregate against numpy, dropouts, contributions that lie, and, for secure
+aggregation, what the server and a coalition can and cannot learn."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, RecordDict
+from scipy import stats
+
+from fedpriv import messages as msg
+from fedpriv.config import RunConfig
+from fedpriv.errors import FedprivError
+from fedpriv.privacy.he import write_keys
+from fedpriv.privacy.masking import Quantizer, combine
+from fedpriv.protocols.base import Contribution, Update, available_protocols, create_protocol
+from fedpriv.protocols.checks import Limits
+from fedpriv.protocols.secagg import MASKED, SETUP, UNMASK
+
+SHAPES = {"w": (20, 16), "b": (16,)}
+MODEL = {k: np.zeros(s, dtype=np.float32) for k, s in SHAPES.items()}
+
+
+class Federation:
+    """One protocol's hospital sides and server side, exchanging what the round loop and
+    the ClientApp would exchange (setup queries, training replies, unmasking answers)."""
+
+    def __init__(
+        self, name: str, config: RunConfig, nodes: Sequence[int], node_config: dict
+    ) -> None:
+        self.config = config
+        self.protocol = create_protocol(name)
+        self.nodes = list(nodes)
+        self.counts = {n: 10 * (i + 1) for i, n in enumerate(self.nodes)}
+        self.server = self.protocol.server(
+            config,
+            limits=Limits(
+                max_examples=10_000, declared={f"h{n}": c for n, c in self.counts.items()}
+            ),
+            length=sum(v.size for v in MODEL.values()),
+            weight_unit=float(max(self.counts.values())),
+        )
+        self.sides = {n: self.protocol.hospital(config, node_config) for n in self.nodes}
+        self.states = {n: RecordDict() for n in self.nodes}
+        self.received: list[np.ndarray] = []  # what the server was sent, as it got it
+        self.server.first, self.server.last = 1, config.rounds
+        self.server.setup(None, self.nodes, self._send)
+
+    def _send(self, kind: str, contents: dict[int, dict[str, Any]]) -> dict[int, tuple[str, dict]]:
+        answers = {}
+        for node, content in contents.items():
+            record = {k: v for k, v in content.items() if isinstance(v, bytes)}
+            record[SETUP] = json.dumps(
+                {k: v for k, v in content.items() if not isinstance(v, bytes)}
+            )
+            answers[node] = (
+                f"h{node}",
+                self.sides[node].answer(None, kind, record, node, self.states[node]),
+            )
+        return answers
+
+    def order(self, node: int, server_round: int, extra: dict[str, Any]) -> msg.TrainingOrder:
+        record = msg.order_record(self.config, model_name="mlp", model_args={})
+        record[msg.SERVER_ROUND] = server_round
+        record.update(extra)
+        order = msg.parse_order(record)
+        return msg.TrainingOrder(
+            config=order.config,
+            server_round=server_round,
+            model_name="mlp",
+            model_args={},
+            mode=order.mode,
+            extra=order.extra,
+            node=node,
+        )
+
+    def round(
+        self,
+        server_round: int,
+        models: dict[int, dict[str, np.ndarray]],
+        *,
+        drop_in_training: Sequence[int] = (),
+        drop_in_unmasking: Sequence[int] = (),
+        tamper: dict[int, Any] | None = None,
+        counts: dict[int, Any] | None = None,
+    ) -> ArrayRecord | None:
+        reference = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
+        self.server.expect(self.nodes)
+        extra = self.server.round_extra(self.nodes)
+        contributions = []
+        for node in self.nodes:
+            if node in drop_in_training:
+                continue
+            update = Update(
+                before=MODEL,
+                after=models[node],
+                num_examples=self.counts[node],
+                gradient=False,
+                server_lr=1.0,
+            )
+            record, _ = self.sides[node].encode(
+                self.order(node, server_round, extra), update, self.states[node]
+            )
+            if tamper and node in tamper:
+                record = tamper[node](record)
+            if MASKED in record:
+                self.received.append(record[MASKED].numpy().copy())
+            claimed = (counts or {}).get(node, self.counts[node])
+            contributions.append(Contribution(f"h{node}", record, claimed, node))
+        result = self.server.aggregate(
+            contributions, reference=reference, gradient=False, server_round=server_round
+        )
+        if not self.server.completes_on_evaluate:
+            return result
+        request = json.loads(str(self.server.evaluate_extra()[UNMASK]))
+        replies = {}
+        for node in self.nodes:
+            if node in drop_in_unmasking:
+                continue
+            try:
+                replies[node] = self.sides[node].unmask(request, node, self.states[node])
+            except FedprivError:
+                continue
+        return self.server.complete(replies)
+
+
+def _config(name: str, tmp_path: Path, **changes: Any) -> tuple[RunConfig, dict]:
+    base = {"dp": False, "rounds": 3, "out": str(tmp_path), "run_name": "r"}
+    if name == "ckks":
+        write_keys(tmp_path / "keys")
+        base.update(he=True, keys=str(tmp_path / "keys"))
+    if name == "secagg":
+        base.update(aggregation="secagg", secagg_threshold=3)
+    if name == "client-dp":
+        base.update(dp=True, dp_level="client", client_noise_multiplier=0.0, client_clip_norm=100.0)
+    base.update(changes)
+    return RunConfig(**base), {}
+
+
+def _models(nodes: Sequence[int], seed: int = 0) -> dict[int, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {
+        n: {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()} for n in nodes
+    }
+
+
+def _read(federation: Federation, result: ArrayRecord) -> dict[str, np.ndarray]:
+    if federation.server.encrypted:  # a hospital decrypts it
+        side = next(iter(federation.sides.values()))
+        from fedpriv.privacy.he import Layout, decrypt_sum
+        from fedpriv.protocols.ckks import CIPHERTEXT, TOTAL, ciphertext_bytes
+
+        layout = Layout.of(MODEL)
+        return layout.unflatten(
+            decrypt_sum(
+                side.context,  # type: ignore[attr-defined]
+                ciphertext_bytes(result[CIPHERTEXT]),
+                length=layout.size,
+                total_examples=int(result[TOTAL].numpy()[0]),
+            )
+        )
+    return {k: v.numpy() for k, v in result.items()}
+
+
+def _expected(federation: Federation, models: dict, nodes: Sequence[int]) -> dict[str, np.ndarray]:
+    weights = [
+        1.0 if federation.protocol.name == "client-dp" else federation.counts[n] for n in nodes
+    ]
+    return {
+        k: np.average(
+            np.stack([models[n][k].astype(np.float64) for n in nodes]), axis=0, weights=weights
+        )
+        for k in SHAPES
+    }
+
+
+TOLERANCE = {"plain": 1e-6, "client-dp": 1e-6, "ckks": 1e-5, "secagg": 1e-6}
+NODES = [101, 205, 307, 411, 519]
+
+
+def test_every_protocol_is_covered() -> None:
+    assert set(available_protocols()) == set(TOLERANCE)
+
+
+@pytest.mark.parametrize("name", sorted(TOLERANCE))
+def test_the_aggregate_is_the_mean_within_the_protocols_error(name: str, tmp_path: Path) -> None:
+    config, node_config = _config(name, tmp_path)
+    federation = Federation(name, config, NODES, node_config)
+    models = _models(NODES)
+    result = federation.round(1, models)
+    assert result is not None
+    got = _read(federation, result)
+    expected = _expected(federation, models, NODES)
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], expected[k], atol=TOLERANCE[name])
+
+
+@pytest.mark.parametrize("name", sorted(TOLERANCE))
+def test_a_hospital_that_drops_out_is_left_out(name: str, tmp_path: Path) -> None:
+    config, node_config = _config(name, tmp_path)
+    federation = Federation(name, config, NODES, node_config)
+    models = _models(NODES, seed=1)
+    result = federation.round(1, models, drop_in_training=[NODES[1]])
+    assert result is not None
+    survivors = [n for n in NODES if n != NODES[1]]
+    got = _read(federation, result)
+    for k, v in _expected(federation, models, survivors).items():
+        np.testing.assert_allclose(got[k], v, atol=TOLERANCE[name])
+
+
+def _wrong_keys(record: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord({"something": Array(np.ones(3, dtype=np.float32))})
+
+
+def _float64(record: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.numpy().astype(np.float64)) for k, v in record.items()})
+
+
+def _nan(record: ArrayRecord) -> ArrayRecord:
+    out = {k: v.numpy().copy() for k, v in record.items()}
+    first = next(iter(out))
+    if out[first].dtype.kind == "f":
+        out[first].flat[0] = np.nan
+        return ArrayRecord({k: Array(v) for k, v in out.items()})
+    return _wrong_keys(record)
+
+
+def _huge(record: ArrayRecord) -> ArrayRecord:
+    out = {k: v.numpy().copy() for k, v in record.items()}
+    first = next(iter(out))
+    if out[first].dtype.kind == "f":
+        out[first].flat[0] = 3e38
+        return ArrayRecord({k: Array(v) for k, v in out.items()})
+    return _wrong_keys(record)
+
+
+LIES = {
+    "wrong arrays": ({"tamper": _wrong_keys}, None),
+    "float64 arrays": ({"tamper": _float64}, None),
+    "a NaN": ({"tamper": _nan}, None),
+    "3e38": ({"tamper": _huge}, None),
+    "10^9 examples": ({}, 10**9),
+    "NaN examples": ({}, float("nan")),
+    "infinite examples": ({}, float("inf")),
+    "negative examples": ({}, -5),
+    "fractional examples": ({}, 2.5),
+}
+
+
+# float values only exist in plaintext replies: ciphertexts and masked vectors are bytes and
+# words, checked for their kind and size (the wrong-arrays case)
+CASES = [
+    (name, lie)
+    for name in ("plain", "ckks", "secagg")
+    for lie in sorted(LIES)
+    if name == "plain" or LIES[lie][0].get("tamper") not in (_float64, _nan, _huge)
+]
+
+
+@pytest.mark.parametrize(("name", "lie"), CASES)
+def test_a_lying_hospital_never_reaches_the_aggregate(name: str, lie: str, tmp_path: Path) -> None:
+    """Before: a wrong-shaped reply that arrived first replaced the global model, 10^9
+    examples took over the average, 3e38 passed, a NaN count raised, float64 won."""
+    config, node_config = _config(name, tmp_path)
+    federation = Federation(name, config, NODES, node_config)
+    models = _models(NODES, seed=2)
+    liar = NODES[0]
+    tamper, count = LIES[lie]
+    result = federation.round(
+        1,
+        models,
+        tamper={liar: tamper["tamper"]} if tamper else None,
+        counts={liar: count} if count is not None else None,
+    )
+    assert result is not None, federation.server.failure
+    assert [h for h, _ in federation.server.rejected] == [f"h{liar}"]
+    got = _read(federation, result)
+    honest = [n for n in NODES if n != liar]
+    for k, v in _expected(federation, models, honest).items():
+        np.testing.assert_allclose(got[k], v, atol=TOLERANCE[name])
+        assert got[k].dtype == MODEL[k].dtype or federation.server.encrypted
+
+
+def test_an_update_far_beyond_the_others_is_refused(tmp_path: Path) -> None:
+    config, node_config = _config("plain", tmp_path)
+    federation = Federation("plain", config, NODES, node_config)
+    models = _models(NODES, seed=3)
+    models[NODES[2]] = {k: v * 1000 for k, v in models[NODES[2]].items()}
+    result = federation.round(1, models)
+    assert result is not None and [h for h, _ in federation.server.rejected] == [f"h{NODES[2]}"]
+
+
+# ---- secure aggregation: what each party learns ------------------------------------------------
+
+
+def test_secagg_survives_a_dropout_in_either_phase(tmp_path: Path) -> None:
+    config, node_config = _config("secagg", tmp_path)
+    federation = Federation("secagg", config, NODES, node_config)
+    models = _models(NODES, seed=4)
+    # one drops before sending its vector, another before sending its shares
+    result = federation.round(
+        2, models, drop_in_training=[NODES[0]], drop_in_unmasking=[NODES[3], NODES[0]]
+    )
+    assert result is not None, federation.server.failure
+    survivors = NODES[1:]
+    got = _read(federation, result)
+    for k, v in _expected(federation, models, survivors).items():
+        np.testing.assert_allclose(got[k], v, atol=1e-6)
+    assert federation.server.stats["dropped"] == 1
+
+
+def test_secagg_refuses_to_unmask_fewer_than_t(tmp_path: Path) -> None:
+    config, node_config = _config("secagg", tmp_path)
+    federation = Federation("secagg", config, NODES, node_config)
+    result = federation.round(1, _models(NODES), drop_in_training=NODES[:3])  # 2 left, t = 3
+    assert result is None and "fewer than the threshold 3" in federation.server.failure
+    # and too few unmasking answers
+    result = federation.round(2, _models(NODES), drop_in_unmasking=NODES[:3])
+    assert result is None and "fewer than the threshold" in federation.server.failure
+
+
+def test_what_the_server_receives_is_uniform_and_uncorrelated_with_the_update(
+    tmp_path: Path,
+) -> None:
+    config, node_config = _config("secagg", tmp_path)
+    federation = Federation("secagg", config, NODES, node_config)
+    models = _models(NODES, seed=5)
+    # a hospital whose update is far from random: a constant pattern
+    models[NODES[2]] = {k: np.full(s, 0.05, dtype=np.float32) for k, s in SHAPES.items()}
+    federation.round(1, models)
+    received = federation.received[2]
+    quantizer = Quantizer(bound=float(federation.server.bound), parties=len(NODES))  # type: ignore[attr-defined]
+    update = np.concatenate([np.ravel(v) for v in models[NODES[2]].values()])
+    weight = federation.counts[NODES[2]] / max(federation.counts.values())
+    plain = quantizer.encode(np.append(weight * update, weight))
+    # the plain quantised vector is one value repeated; what the server got is uniform words
+    assert len(np.unique(plain[:-1])) == 1
+    top = (received >> np.uint32(28)).astype(int)  # 16 bins of the top 4 bits
+    counts = np.bincount(top, minlength=16)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    centred = received.astype(np.float64) - 2**31
+    other = np.random.default_rng(0).normal(size=received.size)
+    assert abs(np.corrcoef(centred, other)[0, 1]) < 5 / math.sqrt(received.size)
+    assert not np.array_equal(received, plain)
+    # even after removing its self mask, the pairwise masks keep it uniform
+    from fedpriv.privacy.masking import prg_uint32
+    from fedpriv.protocols.secagg import _expand, _State
+
+    state = _State.load(federation.states[NODES[2]])
+    assert state is not None
+    seed = bytes(state.record["self-masks"])[:16]  # round 1's self-mask seed
+    without_self = received - prg_uint32(_expand(seed), received.size)
+    assert (
+        stats.chisquare(
+            np.bincount((without_self >> np.uint32(28)).astype(int), minlength=16)
+        ).pvalue
+        > 1e-4
+    )
+
+
+def test_fewer_than_t_colluding_hospitals_cannot_rebuild_a_secret(tmp_path: Path) -> None:
+    config, node_config = _config("secagg", tmp_path)
+    federation = Federation("secagg", config, NODES, node_config)
+    from fedpriv.protocols.secagg import _State
+
+    target = NODES[4]
+    true_seed = bytes(_State.load(federation.states[target]).record["self-masks"])[:16]  # type: ignore[union-attr]
+    shares = {}
+    for node in NODES:
+        state = _State.load(federation.states[node])
+        assert state is not None
+        shares[state.index] = state.share_of(target, 1)[0]
+    coalition = dict(list(shares.items())[:2])  # t - 1 = 2 hospitals with the server
+    assert combine(coalition) != true_seed
+    assert combine(dict(list(shares.items())[:3])) == true_seed
+
+
+def test_an_honest_hospital_never_reveals_both_secrets_of_one_round(tmp_path: Path) -> None:
+    config, node_config = _config("secagg", tmp_path)
+    federation = Federation("secagg", config, NODES, node_config)
+    side, state = federation.sides[NODES[0]], federation.states[NODES[0]]
+    survivors, dropped = NODES[1:], [NODES[1]]
+    with pytest.raises(FedprivError, match="both a survivor and dropped"):
+        side.unmask({"round": 1, "survivors": survivors, "dropped": dropped}, NODES[0], state)
+    side.unmask({"round": 1, "survivors": NODES[:4], "dropped": NODES[4:]}, NODES[0], state)
+    with pytest.raises(FedprivError, match="asked twice about this round"):
+        side.unmask({"round": 1, "survivors": NODES[:3], "dropped": NODES[3:]}, NODES[0], state)
+    with pytest.raises(FedprivError, match="fewer than the threshold"):
+        side.unmask({"round": 2, "survivors": NODES[:2], "dropped": NODES[2:]}, NODES[0], state)
+
+
+def test_a_misreported_count_fails_the_round_instead_of_skewing_it(tmp_path: Path) -> None:
+    config, node_config = _config("secagg", tmp_path)
+    federation = Federation("secagg", config, NODES, node_config)
+    liar = NODES[1]
+    result = federation.round(1, _models(NODES), counts={liar: federation.counts[liar] - 5})
+    assert result is None and "misreported its count" in federation.server.failure
+
+
+def test_an_update_outside_the_range_is_an_error_not_a_wrong_sum(tmp_path: Path) -> None:
+    config, node_config = _config("secagg", tmp_path, secagg_max_norm=1.0)
+    federation = Federation("secagg", config, NODES, node_config)
+    models = _models(NODES)
+    models[NODES[0]] = {k: np.full(s, 5.0, dtype=np.float32) for k, s in SHAPES.items()}
+    with pytest.raises(FedprivError, match=r"more than secagg-max-norm 1 \(an error"):
+        federation.round(1, models)
+    # and the quantiser itself never wraps a value around: it refuses it
+    with pytest.raises(OverflowError, match="outside the secure-aggregation range"):
+        Quantizer(bound=1.0, parties=5).encode(np.array([0.5, 1.5]))
