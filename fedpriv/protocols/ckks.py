@@ -179,7 +179,7 @@ class CkksServer(ServerSide):
             self.reject(names[rejection.index], rejection.reason)
         total = sum(n for i, n in enumerate(counts) if i not in bad)
         self.seconds = time.perf_counter() - started
-        self.stats = {"bytes_in": self.bytes_in, "seconds": self.seconds}
+        self.stats.update({"bytes_in": self.bytes_in, "seconds": self.seconds})
         if summed is None or total == 0:
             return None
         return ArrayRecord(

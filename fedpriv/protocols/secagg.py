@@ -637,14 +637,16 @@ class SecAggServer(ServerSide):
             step = mean[offset : offset + count].reshape(value.shape)
             out[name] = Array(np.asarray(value.astype(np.float64) + step, dtype=value.dtype))
             offset += count
-        self.stats = {
-            "survivors": len(survivors),
-            "dropped": len(dropped),
-            "threshold": self.threshold,
-            "quantisation_step": quantizer.step,
-            "unmask_seconds": time.perf_counter() - started,
-            "bytes_in": sum(int(v.nbytes) for v in vectors.values()),
-        }
+        self.stats.update(
+            {
+                "survivors": len(survivors),
+                "dropped": len(dropped),
+                "threshold": self.threshold,
+                "quantisation_step": quantizer.step,
+                "unmask_seconds": time.perf_counter() - started,
+                "bytes_in": sum(int(v.nbytes) for v in vectors.values()),
+            }
+        )
         return ArrayRecord(out)
 
     def _combine(self, replies: Mapping[int, Mapping[str, Any]], key: str) -> bytes:

@@ -211,3 +211,29 @@ def test_budget_needs_a_ledger(tmp_path: Path) -> None:
 )
 def test_bad_dp_settings(tmp_path: Path, args: list[str], expected: str) -> None:
     _bad(["simulate", *args, "--out", str(tmp_path)], expected)
+
+
+def test_bad_key_files_and_encrypted_models_are_one_line(tmp_path: Path) -> None:
+    """Before: a truncated key file or a garbage/incomplete model.ckks.npz gave 'internal
+    error'."""
+    import numpy as np
+
+    from fedpriv.config import RunConfig
+    from fedpriv.privacy.he import SECRET_FILE, write_keys
+    from fedpriv.server.rundir import ENCRYPTED_MODEL, RunDirectory
+
+    write_keys(tmp_path / "keys")
+    secret = (tmp_path / "keys" / SECRET_FILE).read_bytes()
+    (tmp_path / "short.ctx").write_bytes(secret[:30])
+    (tmp_path / "cut.ctx").write_bytes(secret[:400])
+    _bad(["keys", "show", str(tmp_path / "short.ctx")], "truncated")
+    _bad(["keys", "show", str(tmp_path / "cut.ctx")], "truncated or damaged")
+    run = RunDirectory.create(tmp_path / "run")
+    run.write_config(
+        RunConfig(he=True), model_name="mlp", model_args={"in_features": 30, "num_classes": 2}
+    )
+    key = str(tmp_path / "keys" / SECRET_FILE)
+    run.file(ENCRYPTED_MODEL).write_bytes(b"garbage, not a zip archive")
+    _bad(["keys", "decrypt-model", str(run.path), "--secret", key], "cannot be read")
+    np.savez(run.file(ENCRYPTED_MODEL), something=np.zeros(3))
+    _bad(["keys", "decrypt-model", str(run.path), "--secret", key], "lacks the array")
