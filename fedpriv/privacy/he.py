@@ -383,9 +383,10 @@ def encrypt_contribution(context: CkksContext, vector: np.ndarray, num_examples:
         for start in range(0, packed.size, slots):
             plain = sealapi.Plaintext()
             seal.encoder.encode(packed[start : start + slots].tolist(), scale, plain)
-            cipher = sealapi.Ciphertext()
-            seal.encryptor.encrypt_symmetric(plain, cipher)
-            blobs.append(scratch.save(cipher))
+            # seeded: SEAL writes the seed of the uniformly random half of a symmetric
+            # encryption instead of the half itself (half the bytes on the wire); loading
+            # it expands the seed, so the server's checks and sums see a full ciphertext
+            blobs.append(scratch.save(seal.encryptor.encrypt_symmetric(plain)))
     return _pack_container(values, blobs)
 
 

@@ -95,7 +95,10 @@ def test_a_supernode_without_the_ca_cannot_connect(
 def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
     federation: Federation, kit: dict[str, Any]
 ) -> None:
-    run_id = federation.submit(_run_config(kit, "dropout", rounds=2, he=False))
+    """Under secure aggregation (threshold 2 of 3): set up across real processes, one
+    hospital killed after round 1, round 2 unmasked from the two others."""
+    secure = {"he": False, "aggregation": "secagg", "secagg-threshold": 2}
+    run_id = federation.submit(_run_config(kit, "dropout", rounds=2, **secure))
     run = kit["base"] / "runs" / "dropout"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -114,6 +117,9 @@ def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
     assert trained == ["county", "st-mary"]
     assert rows[1]["failed"], "the dropout is logged in metrics.jsonl"
     assert any("unavailable" in reason.lower() for reason in rows[1]["failed"].values())
+    masked = rows[1]["aggregation"]
+    assert masked["protocol"] == "secagg" and masked["survivors"] == 2 and masked["dropped"] == 1
+    assert "aggregate_failure" not in rows[1], rows[1].get("aggregate_failure")
 
 
 def test_a_restarted_superlink_keeps_its_hospitals_and_a_run_resumes(
@@ -132,7 +138,17 @@ def test_a_restarted_superlink_keeps_its_hospitals_and_a_run_resumes(
     assert len(listing["nodes"]) >= 3 and statuses <= {"online", "offline", "registered"}
     # a ServerApp that stopped (here: after its planned rounds) continues from its checkpoint
     dropout = kit["base"] / "runs" / "dropout"
-    run_id = federation.submit(_run_config(kit, "dropout", rounds=3, he=False, resume=str(dropout)))
+    run_id = federation.submit(
+        _run_config(
+            kit,
+            "dropout",
+            rounds=3,
+            he=False,
+            aggregation="secagg",
+            **{"secagg-threshold": 2},
+            resume=str(dropout),
+        )
+    )
     status = federation.wait_run(run_id, 400)
     assert status["status"] == "finished:completed", (status, federation.log("superlink")[-2000:])
     rows = [json.loads(line) for line in (dropout / "metrics.jsonl").read_text().splitlines()]

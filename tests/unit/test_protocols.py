@@ -4,7 +4,6 @@ aggregation, what the server and a coalition can and cannot learn."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,123 +11,39 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 from scipy import stats
 
-from fedpriv import messages as msg
 from fedpriv.config import RunConfig
 from fedpriv.errors import FedprivError
 from fedpriv.privacy.he import write_keys
 from fedpriv.privacy.masking import Quantizer, combine
-from fedpriv.protocols.base import Contribution, Update, available_protocols, create_protocol
-from fedpriv.protocols.checks import Limits
-from fedpriv.protocols.secagg import MASKED, SETUP, UNMASK
+from fedpriv.protocols.base import available_protocols
+from fedpriv.protocols.local import LocalFederation
+from fedpriv.protocols.secagg import MASKED
 
 SHAPES = {"w": (20, 16), "b": (16,)}
 MODEL = {k: np.zeros(s, dtype=np.float32) for k, s in SHAPES.items()}
 
 
-class Federation:
-    """One protocol's hospital sides and server side, exchanging what the round loop and
-    the ClientApp would exchange (setup queries, training replies, unmasking answers)."""
+class Federation(LocalFederation):
+    """The library's in-process federation, with a protocol name and a node config."""
 
     def __init__(
         self, name: str, config: RunConfig, nodes: Sequence[int], node_config: dict
     ) -> None:
-        self.config = config
-        self.protocol = create_protocol(name)
-        self.nodes = list(nodes)
-        self.counts = {n: 10 * (i + 1) for i, n in enumerate(self.nodes)}
-        self.server = self.protocol.server(
+        assert config.protocol == name
+        super().__init__(
             config,
-            limits=Limits(
-                max_examples=10_000, declared={f"h{n}": c for n, c in self.counts.items()}
-            ),
-            length=sum(v.size for v in MODEL.values()),
-            weight_unit=float(max(self.counts.values())),
-        )
-        self.sides = {n: self.protocol.hospital(config, node_config) for n in self.nodes}
-        self.states = {n: RecordDict() for n in self.nodes}
-        self.received: list[np.ndarray] = []  # what the server was sent, as it got it
-        self.server.first, self.server.last = 1, config.rounds
-        self.server.setup(None, self.nodes, self._send)
-
-    def _send(self, kind: str, contents: dict[int, dict[str, Any]]) -> dict[int, tuple[str, dict]]:
-        answers = {}
-        for node, content in contents.items():
-            record = {k: v for k, v in content.items() if isinstance(v, bytes)}
-            record[SETUP] = json.dumps(
-                {k: v for k, v in content.items() if not isinstance(v, bytes)}
-            )
-            answers[node] = (
-                f"h{node}",
-                self.sides[node].answer(None, kind, record, node, self.states[node]),
-            )
-        return answers
-
-    def order(self, node: int, server_round: int, extra: dict[str, Any]) -> msg.TrainingOrder:
-        record = msg.order_record(self.config, model_name="mlp", model_args={})
-        record[msg.SERVER_ROUND] = server_round
-        record.update(extra)
-        order = msg.parse_order(record)
-        return msg.TrainingOrder(
-            config=order.config,
-            server_round=server_round,
-            model_name="mlp",
-            model_args={},
-            mode=order.mode,
-            extra=order.extra,
-            node=node,
+            nodes,
+            MODEL,
+            counts={n: 10 * (i + 1) for i, n in enumerate(nodes)},
+            node_config=node_config,
         )
 
-    def round(
-        self,
-        server_round: int,
-        models: dict[int, dict[str, np.ndarray]],
-        *,
-        drop_in_training: Sequence[int] = (),
-        drop_in_unmasking: Sequence[int] = (),
-        tamper: dict[int, Any] | None = None,
-        counts: dict[int, Any] | None = None,
-    ) -> ArrayRecord | None:
-        reference = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
-        self.server.expect(self.nodes)
-        extra = self.server.round_extra(self.nodes)
-        contributions = []
-        for node in self.nodes:
-            if node in drop_in_training:
-                continue
-            update = Update(
-                before=MODEL,
-                after=models[node],
-                num_examples=self.counts[node],
-                gradient=False,
-                server_lr=1.0,
-            )
-            record, _ = self.sides[node].encode(
-                self.order(node, server_round, extra), update, self.states[node]
-            )
-            if tamper and node in tamper:
-                record = tamper[node](record)
-            if MASKED in record:
-                self.received.append(record[MASKED].numpy().copy())
-            claimed = (counts or {}).get(node, self.counts[node])
-            contributions.append(Contribution(f"h{node}", record, claimed, node))
-        result = self.server.aggregate(
-            contributions, reference=reference, gradient=False, server_round=server_round
-        )
-        if not self.server.completes_on_evaluate:
-            return result
-        request = json.loads(str(self.server.evaluate_extra()[UNMASK]))
-        replies = {}
-        for node in self.nodes:
-            if node in drop_in_unmasking:
-                continue
-            try:
-                replies[node] = self.sides[node].unmask(request, node, self.states[node])
-            except FedprivError:
-                continue
-        return self.server.complete(replies)
+    @property
+    def masked(self) -> list[np.ndarray]:
+        return [r[MASKED].numpy().copy() for r in self.received if MASKED in r]
 
 
 def _config(name: str, tmp_path: Path, **changes: Any) -> tuple[RunConfig, dict]:
@@ -335,7 +250,7 @@ def test_what_the_server_receives_is_uniform_and_uncorrelated_with_the_update(
     # a hospital whose update is far from random: a constant pattern
     models[NODES[2]] = {k: np.full(s, 0.05, dtype=np.float32) for k, s in SHAPES.items()}
     federation.round(1, models)
-    received = federation.received[2]
+    received = federation.masked[2]
     quantizer = Quantizer(bound=float(federation.server.bound), parties=len(NODES))  # type: ignore[attr-defined]
     update = np.concatenate([np.ravel(v) for v in models[NODES[2]].values()])
     weight = federation.counts[NODES[2]] / max(federation.counts.values())
