@@ -22,6 +22,7 @@ from fedpriv.client.hospital import (
     train_round,
 )
 from fedpriv.errors import FedprivError
+from fedpriv.protocols.base import UNUSABLE, AggregateUnusable
 from fedpriv.protocols.secagg import QUERIES as SECAGG_QUERIES
 from fedpriv.protocols.secagg import UNMASK
 
@@ -107,9 +108,20 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     order = _order(message, context)
     data = local_data(order.config, context.node_config)
     side = protocol_side(order.config, context.node_config)
-    stats, figures = evaluate_round(
-        order, data, message.content.array_records[msg.ARRAYS], side=side
-    )
+    try:
+        stats, figures = evaluate_round(
+            order, data, message.content.array_records[msg.ARRAYS], side=side
+        )
+    except AggregateUnusable as exc:  # tell the server, which discards the round if most do
+        record = _hospital_record(
+            data, msg.STATUS_DECLINED, f"the new aggregate is unusable: {exc}"
+        )
+        return Message(
+            content=RecordDict(
+                {msg.HOSPITAL: record, msg.PROTOCOL: ConfigRecord({UNUSABLE: str(exc)})}
+            ),
+            reply_to=message,
+        )
     metrics = MetricRecord(
         {
             "eval-loss": stats.loss,

@@ -18,7 +18,11 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedpriv.errors import FedprivError
+
 __all__ = [
+    "UNUSABLE",
+    "AggregateUnusable",
     "Contribution",
     "GlobalWeights",
     "HospitalSide",
@@ -29,6 +33,15 @@ __all__ = [
     "create_protocol",
     "register_protocol",
 ]
+
+
+#: protocol record key of an evaluation reply: why this hospital cannot use the new aggregate
+UNUSABLE = "aggregate-unusable"
+
+
+class AggregateUnusable(FedprivError):
+    """The server's new aggregate cannot be turned into a model at this hospital (it does
+    not decrypt to the example count the server reports, or to finite, bounded values)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +134,9 @@ class ServerSide(ABC):
     #: the server cannot read the global model (it holds ciphertexts)
     encrypted: ClassVar[bool] = False
     completes_on_evaluate: ClassVar[bool] = False
+    #: the hospitals check the new aggregate when they evaluate it, and the round's result
+    #: is kept only if :meth:`verdict` finds no majority of them unable to use it
+    verified_on_evaluate: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.rejected: list[tuple[str, str]] = []
@@ -145,6 +161,20 @@ class ServerSide(ABC):
     def complete(self, replies: Mapping[int, Mapping[str, Any]]) -> ArrayRecord | None:
         """The round's model from the evaluation replies (only when completes_on_evaluate)."""
         raise NotImplementedError
+
+    def verdict(self, reports: Mapping[str, str], replies: int) -> str:
+        """Why the round's aggregate must be discarded ("" to keep it), from the hospitals
+        that reported it unusable (name -> reason) among ``replies`` evaluation replies.
+
+        A majority decides: one lying hospital cannot veto a round, and an aggregate that
+        honest hospitals cannot decrypt is never installed."""
+        if not reports or 2 * len(reports) <= replies:
+            return ""
+        reasons = sorted(reports.values(), key=list(reports.values()).count, reverse=True)
+        return (
+            f"{len(reports)} of {replies} hospitals could not use the aggregate "
+            f"({reasons[0]}); the round is discarded and the global model stays"
+        )
 
     @abstractmethod
     def aggregate(

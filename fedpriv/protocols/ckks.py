@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedpriv.errors import FedprivError
 from fedpriv.protocols.base import (
+    AggregateUnusable,
     Contribution,
     GlobalWeights,
     HospitalSide,
@@ -34,7 +35,7 @@ from fedpriv.protocols.base import (
     Update,
     register_protocol,
 )
-from fedpriv.protocols.checks import Limits, Rejected, check_count
+from fedpriv.protocols.checks import MAX_MAGNITUDE, Limits, Rejected, check_count
 
 __all__ = [
     "CIPHERTEXT",
@@ -116,9 +117,17 @@ def flood(values: np.ndarray, *, std: float = FLOOD_STD) -> np.ndarray:
 
 
 class CkksServer(ServerSide):
-    """Sums valid contributions; rejects (and logs) the others, never corrupting the sum."""
+    """Sums valid contributions; rejects (and logs) the others, never corrupting the sum.
+
+    What the server cannot see (a ciphertext whose encrypted example count differs from the
+    declared one, one under another key with this federation's label, values out of range)
+    the hospitals find when they decrypt the new aggregate to evaluate it: if most of them
+    cannot use it, the round is discarded and the previous model stays
+    (``verified_on_evaluate``). The shared key leaves no way to find *which* contribution
+    was bad without decrypting single contributions, which this protocol never does."""
 
     encrypted = True
+    verified_on_evaluate = True
 
     def __init__(self, *, context: Any, length: int, limits: Limits) -> None:
         super().__init__()
@@ -204,7 +213,7 @@ class CkksHospital(HospitalSide):
 
     def read(self, order: Any, arrays: ArrayRecord) -> GlobalWeights:
         from fedpriv.models import initial_state
-        from fedpriv.privacy.he import Layout
+        from fedpriv.privacy.he import HeError, Layout
 
         initial = initial_state(order.model_name, order.config.seed, **order.model_args)
         if len(arrays) == 0:  # round 1: the initial model follows from the seed
@@ -218,12 +227,19 @@ class CkksHospital(HospitalSide):
             )
         layout = Layout.of(initial)
         started = time.perf_counter()
-        mean = _decrypted(
-            self.context,
-            ciphertext_bytes(arrays[CIPHERTEXT]),
-            layout.size,
-            int(arrays[TOTAL].numpy()[0]),
-        )
+        try:
+            mean = _decrypted(
+                self.context,
+                ciphertext_bytes(arrays[CIPHERTEXT]),
+                layout.size,
+                int(arrays[TOTAL].numpy()[0]),
+            )
+        except (HeError, ValueError, TypeError, IndexError) as exc:
+            raise AggregateUnusable(str(exc)) from None
+        if not np.all(np.isfinite(mean)) or float(np.max(np.abs(mean))) > MAX_MAGNITUDE:
+            raise AggregateUnusable(
+                f"the aggregate decrypts to values beyond +-{MAX_MAGNITUDE:g} or not finite"
+            )
         return GlobalWeights(
             layout.unflatten(mean), {"he-decrypt-seconds": time.perf_counter() - started}
         )

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpriv import messages as msg
+from fedpriv.protocols.base import UNUSABLE
 from fedpriv.strategies.fedavg import hospital_name
 
 __all__ = ["RoundOutcome", "run_rounds", "wait_for_hospitals"]
@@ -201,12 +202,25 @@ def run_rounds(
             )
         )
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
-        eval_ok, _, eval_failed = _split_replies(eval_replies, _destinations(eval_messages))
+        eval_ok, eval_declined, eval_failed = _split_replies(
+            eval_replies, _destinations(eval_messages)
+        )
         for who, reason in eval_failed.items():
             logger.warning("round %d: evaluation at %s failed: %s", server_round, who, reason)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
         evaluated = server_round - 1 if deferred else server_round
         failure = ""
+        if side is not None and getattr(side, "verified_on_evaluate", False):
+            # the hospitals decrypted the new aggregate: if most cannot use it, drop it
+            unusable = _unusable(eval_replies)
+            failure = side.verdict(unusable, len(eval_ok) + len(eval_declined))
+            if failure:
+                logger.warning("round %d: %s", server_round, failure)
+                new_arrays, eval_metrics = arrays, None  # the global model stays
+            elif unusable:
+                logger.warning(
+                    "round %d: a minority could not use the aggregate: %s", server_round, unusable
+                )
         if deferred and side is not None:
             new_arrays = side.complete(_protocol_records(eval_ok))
             if new_arrays is None:
@@ -254,6 +268,18 @@ def _protocol_records(replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
         record = reply.content.config_records.get(msg.PROTOCOL)
         if record is not None:
             out[int(reply.metadata.src_node_id)] = dict(record)
+    return out
+
+
+def _unusable(replies: Iterable[Message]) -> dict[str, str]:
+    """Hospitals that reported the new aggregate unusable, and why."""
+    out: dict[str, str] = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        record = reply.content.config_records.get(msg.PROTOCOL)
+        if record is not None and UNUSABLE in record:
+            out[hospital_name(reply.content)] = str(record[UNUSABLE])[:300]
     return out
 
 

@@ -12,9 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
 
 import fedpriv
+from fedpriv import messages as msg
+from fedpriv.client import app as fedpriv_app
 from fedpriv.config import RunConfig
+from fedpriv.protocols.base import UNUSABLE
+from fedpriv.server.simulation import prepare_simulation, run_plan
 
 
 @pytest.mark.parametrize(
@@ -61,3 +67,65 @@ def test_encrypted_run_matches_the_plaintext_run(tmp_path: Path, strategy: str, 
         "ckks-fingerprint",
         "ckks-total-examples",
     }
+
+
+# fedpriv's ClientApp, except that hospital 1 under-declares its example count in round 2
+# (its ciphertext encrypts the true count: the aggregate no longer adds up) and hospital 2
+# falsely reports round 3's aggregate unusable
+miscounting = ClientApp()
+
+
+def _round(message: Message) -> int:
+    return int(message.content.config_records["config"].get("server-round", 0))
+
+
+@miscounting.train()
+def _train(message: Message, context: Context) -> Message:
+    reply = fedpriv_app.handle_train(message, context)
+    if int(context.node_config["partition-id"]) == 1 and _round(message) == 2:
+        metrics = reply.content.metric_records[msg.METRICS]
+        metrics[msg.NUM_EXAMPLES] = int(metrics[msg.NUM_EXAMPLES]) - 7
+    return reply
+
+
+@miscounting.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    reply = fedpriv_app.handle_evaluate(message, context)
+    if int(context.node_config["partition-id"]) == 2 and _round(message) == 3:
+        reply.content[msg.PROTOCOL] = ConfigRecord({UNUSABLE: "a lie"})
+    return reply
+
+
+@miscounting.query()
+def _query(message: Message, context: Context) -> Message:
+    return fedpriv_app.handle_query(message, context)
+
+
+def test_a_miscounted_ciphertext_costs_one_round_not_the_run(tmp_path: Path) -> None:
+    """Under CKKS the server cannot see that a ciphertext's encrypted count differs from the
+    declared one; the hospitals see it when they decrypt, and the round is discarded (the
+    model stays) instead of every hospital failing from then on. One hospital claiming an
+    aggregate unusable cannot veto a round."""
+    config = RunConfig.from_mapping(
+        {
+            "dataset": "breast-cancer",
+            "hospitals": 4,
+            "rounds": 3,
+            "dp": False,
+            "he": True,
+            "seed": 3,
+            "out": str(tmp_path),
+            "run-name": "miscount",
+        }
+    )
+    result = run_plan(prepare_simulation(config), client_app=miscounting)
+    assert not result.stopped and result.last_round == 3
+    first, second, third = result.rows
+    assert "aggregate_failure" not in first and "aggregate_failure" not in third
+    assert "does not add up" in second["aggregate_failure"]
+    assert "4 of 4 hospitals" in second["aggregate_failure"]
+    assert second["eval_accuracy"] is None  # nobody could evaluate the discarded aggregate
+    # round 3 trained (had the bad aggregate been installed, no hospital could decrypt it)
+    assert third["eval_accuracy"] > 0.8 and result.final["test_accuracy"] > 0.8
+    checkpoint = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] == 3
