@@ -98,3 +98,29 @@ def test_secure_aggregation_survives_hospitals_failing_in_either_phase(tmp_path:
     assert result.rows[2]["aggregation"]["survivors"] == 5
     # the model learnt through it
     assert result.final["test_accuracy"] > 0.8
+
+
+def test_secure_aggregation_with_fedsgd_and_sample_level_dp(tmp_path: Path) -> None:
+    """FedSGD (the server takes the step on the unmasked mean gradient) under sample-level
+    DP: the same model as plaintext aggregation with identical (test-only seeded) noise."""
+    common = {
+        **COMMON,
+        "hospitals": 3,
+        "rounds": 2,
+        "strategy": "fedsgd",
+        "server-lr": 0.5,
+        "dp": True,
+        "insecure-dp-seed": 11,
+        "out": str(tmp_path),
+    }
+    plain = fedpriv.simulate(RunConfig.from_mapping({**common, "run-name": "p"}))
+    masked = fedpriv.simulate(
+        RunConfig.from_mapping({**common, "run-name": "s", "aggregation": "secagg"})
+    )
+    a, b = _model(plain.run_dir), _model(masked.run_dir)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], atol=2e-6)
+    spent = masked.final["epsilon"]  # per hospital: masking changes no accounting
+    assert spent == plain.final["epsilon"] and len(spent) == 3
+    assert all(value > 0 for value in spent.values())
+    assert all(r["aggregation"]["protocol"] == "secagg" for r in masked.rows)
