@@ -6,10 +6,11 @@ Settings are merged once, here: RunConfig defaults < ``--config FILE.toml`` < fl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -299,7 +300,7 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
                 parts.append(f"{len(row['declined'])} declined")
             progress.update(task, completed=row["round"], status="  ".join(parts))
 
-    with progress:
+    with _quiet_libraries(plan.run_dir.path), progress:
         if plan.resume is not None:
             progress.update(
                 task,
@@ -317,7 +318,7 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
             )
             raise typer.Exit(EXIT_RUN_FAILED)
     if config.audit:
-        _run_audit(result.run_dir, reference_models=config.reference_models)
+        _run_audit(result.run_dir, reference_models=config.reference_models, attacks=None)
     else:
         from fedpriv.report import build_report
 
@@ -422,22 +423,49 @@ EXIT_AUDIT_FAILED = 3
 def audit_command(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     attacks: Annotated[
-        str, typer.Option(help="comma-separated: loss, lira, lira-offline, rmia")
-    ] = "loss,lira,lira-offline,rmia",
+        str | None,
+        typer.Option(
+            help="comma-separated, from loss, lira, lira-offline, rmia, inversion, attribute "
+            "[default: every attack the run's files allow]"
+        ),
+    ] = None,
+    sensitive_feature: Annotated[
+        str | None,
+        typer.Option(help="attribute inference: the hidden feature, by name or index"),
+    ] = None,
+    inversion_records: Annotated[
+        int | None, typer.Option(help="inversion: records attacked (bounds its cost)")
+    ] = None,
+    inversion_steps: Annotated[
+        int | None, typer.Option(help="inversion: optimiser steps per reconstruction")
+    ] = None,
+    inversion_batch: Annotated[
+        int | None, typer.Option(help="inversion: records in the attacked round's batch")
+    ] = None,
     reference_models: Annotated[
         int, typer.Option(help="reference models for LiRA/RMIA (the audit's main cost)")
     ] = 4,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the intervals")] = 200,
     seed: Annotated[int, typer.Option(help="seed of the audit's own randomness")] = 0,
 ) -> None:
-    """Attack a run's final model; write audit.json and the report's audit section."""
+    """Attack a finished run (membership, inversion, attribute inference); write audit.json
+    and report.html; print each attack's verdict."""
+    options = {
+        "sensitive_feature": sensitive_feature,
+        "inversion_records": inversion_records,
+        "inversion_steps": inversion_steps,
+        "inversion_batch": inversion_batch,
+    }
     _guard(
         lambda: _run_audit(
             run_dir,
-            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+            attacks=None
+            if attacks is None
+            else tuple(a.strip() for a in attacks.split(",") if a.strip()),
             reference_models=reference_models,
             bootstrap=bootstrap,
             seed=seed,
+            options={k: v for k, v in options.items() if v is not None},
         )
     )
 
@@ -449,12 +477,15 @@ def _run_audit(
     reference_models: int = 4,
     bootstrap: int = 200,
     seed: int = 0,
+    options: dict[str, Any] | None = None,
 ) -> None:
-    from fedpriv.privacy.audit import DEFAULT_ATTACKS, audit_run
+    from fedpriv.privacy.audit import audit_run
     from fedpriv.report import build_report
 
     if not Path(run_dir).is_dir():
         raise ConfigError(f"run directory '{run_dir}' does not exist")
+    if attacks is not None and not attacks:
+        raise ConfigError("--attacks names no attack")
     progress = Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -462,59 +493,29 @@ def _run_audit(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
+        transient=True,
     )
-    with progress:
-        task = progress.add_task("reference models", total=max(reference_models, 1))
+    tasks: dict[str, Any] = {}
+
+    def tick(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=max(total, 1))
+        progress.update(tasks[name], completed=done, total=max(total, 1))
+
+    with _quiet_libraries(Path(run_dir)), progress:
         document = audit_run(
             run_dir,
-            attacks=attacks or DEFAULT_ATTACKS,
+            attacks=attacks,
             reference_models=reference_models,
             bootstrap_samples=bootstrap,
             seed=seed,
-            on_reference_model=lambda done, total: progress.update(task, completed=done),
+            options=options,
+            progress=tick,
+            on_reference_model=lambda done, total: tick("reference models", done, total),
         )
-        progress.update(task, completed=max(reference_models, 1))
-    table = Table(title="Membership-inference audit")
-    for column in (
-        "attack",
-        "AUC [95% CI]",
-        "TPR@1% FPR",
-        "bal. acc.",
-        "eps LB (CP)",
-        "eps LB (GDP)",
-    ):
-        table.add_column(column, justify="left" if column == "attack" else "right")
-    for name, entry in document["attacks"].items():
-        resolvable = entry["tpr_at_fpr_resolvable"]["0.01"]
-        table.add_row(
-            name,
-            f"{entry['auc']:.3f} [{entry['auc_ci'][0]:.3f}, {entry['auc_ci'][1]:.3f}]",
-            _fmt(entry["tpr_at_fpr"]["0.01"]) + ("" if resolvable else " n/r"),
-            _fmt(entry["balanced_accuracy"]),
-            _fmt(entry["epsilon_lower_bound"]),
-            _fmt(entry["epsilon_lower_bound_gdp"]),
-        )
-    console.print(table)
-    console.print(
-        f"{document['members']} members, {document['non_members']} non-members; "
-        f"accounted epsilon (max over hospitals): {_fmt(document['accounted_epsilon_max'])}",
-        highlight=False,
-    )
-    if "canaries" in document:
-        canary = document["canaries"]
-        console.print(
-            f"one-run canary audit: {canary['canaries']} canaries, epsilon lower bound "
-            f"{canary['epsilon_lower_bound']:.3f}",
-            highlight=False,
-        )
+    _print_audit(document)
     report = build_report(run_dir)
     console.print(f"audit: {Path(run_dir) / 'audit.json'}   report: {report}", highlight=False)
-    if document["verdict"] == "no-dp":
-        err_console.print(
-            "[bold yellow]this model was trained without DP:[/] the figures above are what it "
-            "leaks, with no guarantee to compare them to",
-            highlight=False,
-        )
     if document["verdict"] == "fail":
         err_console.print(
             "[bold red]AUDIT FAILED: an empirical epsilon lower bound exceeds the accounted "
@@ -523,6 +524,117 @@ def _run_audit(
             highlight=False,
         )
         raise typer.Exit(EXIT_AUDIT_FAILED)
+
+
+def _print_audit(document: dict[str, Any]) -> None:
+    """The membership table, one line per other attack, what could not run, the verdict."""
+    attacks = document["attacks"]
+    membership = {n: e for n, e in attacks.items() if "auc_ci" in e}
+    if membership:
+        table = Table(title="Membership inference (guessing: AUC 0.5)")
+        for column in (
+            "attack",
+            "AUC [95% CI]",
+            "TPR@1% FPR",
+            "bal. acc.",
+            "eps LB (CP)",
+            "eps LB (GDP)",
+        ):
+            table.add_column(column, justify="left" if column == "attack" else "right")
+        for name, entry in membership.items():
+            resolvable = entry["tpr_at_fpr_resolvable"]["0.01"]
+            table.add_row(
+                name,
+                f"{entry['auc']:.3f} [{entry['auc_ci'][0]:.3f}, {entry['auc_ci'][1]:.3f}]",
+                _fmt(entry["tpr_at_fpr"]["0.01"]) + ("" if resolvable else " n/r"),
+                _fmt(entry["balanced_accuracy"]),
+                _fmt(entry["epsilon_lower_bound"]),
+                _fmt(entry["epsilon_lower_bound_gdp"]),
+            )
+        console.print(table)
+        console.print(
+            f"{document['members']} members, {document['non_members']} non-members",
+            highlight=False,
+        )
+    if "canaries" in document:
+        canary = document["canaries"]
+        console.print(
+            f"one-run canary audit: {canary['canaries']} canaries, epsilon lower bound "
+            f"{canary['epsilon_lower_bound']:.3f}",
+            highlight=False,
+        )
+    if "federated" in document:
+        federated = document["federated"]
+        console.print(
+            f"federated LOSS audit (counts from {len(federated.get('per_hospital', {}))} "
+            f"hospitals): AUC {_fmt(federated.get('auc'))}",
+            highlight=False,
+        )
+    colours = {"leak": "bold red", "no-leak": "green", "inconclusive": "yellow"}
+    for name, entry in attacks.items():
+        verdict = str(entry.get("verdict", ""))
+        console.print(
+            f"[{colours.get(verdict, 'bold')}]{name}: {verdict}[/] - {entry.get('reading', '')}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for name, reason in document.get("skipped", {}).items():
+        console.print(f"[yellow]{name}: not run[/] - {reason}", highlight=False, soft_wrap=True)
+    accounted = document.get("accounted_epsilon_max")
+    leaks = document.get("leaks", [])
+    verdict = document["verdict"]
+    if verdict == "no-dp":
+        line = "[bold yellow]trained without DP[/]: no guarantee to compare the figures to"
+    elif verdict == "unchecked":
+        line = f"accounted epsilon {_fmt(accounted)} (no membership attack ran to check it)"
+    else:
+        line = (
+            f"accounted epsilon {_fmt(accounted)}: every empirical bound stays under it"
+            if verdict == "pass"
+            else f"accounted epsilon {_fmt(accounted)}: [bold red]an empirical bound exceeds it[/]"
+        )
+    console.print(
+        f"[bold]audit verdict:[/] {line}; "
+        + (
+            f"[bold red]leaks found by: {', '.join(leaks)}[/]"
+            if leaks
+            else "no attack beat its no-information baseline"
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_libraries(run_dir: Path) -> Iterator[None]:
+    """Library warnings and log records (Opacus, PyTorch) go to the run's log, flower.log,
+    not the terminal, where they would read as fedpriv's own problems."""
+    import logging
+    import warnings
+
+    try:
+        handler: logging.Handler = logging.FileHandler(
+            run_dir / "flower.log", encoding="utf-8", delay=True
+        )
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("py.warnings", "opacus")]
+    saved = [(lg, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+            for lg, propagate in saved:
+                lg.removeHandler(handler)
+                lg.propagate = propagate
+            handler.close()
 
 
 @app.command("report")

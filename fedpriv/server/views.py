@@ -177,6 +177,8 @@ class HeLog:
         ]
         entry = {
             "round": result.round,
+            "key_fingerprint": str(aggregator.context.fingerprint),
+            "aggregate_failure": result.aggregate_failure,
             "parameters": self.layout.size,
             "hospitals": len(trained),
             "bytes_up": uploads,

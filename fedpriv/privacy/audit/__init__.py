@@ -1,4 +1,4 @@
-"""Membership-inference audits: attacks, metrics, empirical-epsilon bounds, canaries."""
+"""Privacy audits of a finished run: membership, inversion, attribute inference, linkage."""
 
 from fedpriv.privacy.audit.attacks import (
     Attack,
@@ -7,16 +7,39 @@ from fedpriv.privacy.audit.attacks import (
     create_attack,
     register_attack,
 )
-from fedpriv.privacy.audit.run import DEFAULT_ATTACKS, AuditError, AuditFailure, audit_run
+from fedpriv.privacy.audit.base import (
+    Audit,
+    AuditInputs,
+    AuditResult,
+    available_audits,
+    create_audit,
+    register_audit,
+)
+from fedpriv.privacy.audit.run import (
+    DEFAULT_ATTACKS,
+    AuditError,
+    AuditFailure,
+    all_attacks,
+    audit_run,
+    load_run,
+)
 
 __all__ = [
     "DEFAULT_ATTACKS",
     "Attack",
     "AttackInputs",
+    "Audit",
     "AuditError",
     "AuditFailure",
+    "AuditInputs",
+    "AuditResult",
+    "all_attacks",
     "audit_run",
     "available_attacks",
+    "available_audits",
     "create_attack",
+    "create_audit",
+    "load_run",
     "register_attack",
+    "register_audit",
 ]

@@ -1,52 +1,49 @@
 """Auditing a finished run from its run directory alone, as an outside auditor would.
 
-Reads ``config.json``, ``partitions.json``, ``model.pt`` and ``privacy.json``; reloads the
-data with :func:`fedpriv.data.load_dataset`; attacks the final model; writes ``audit.json``.
-Members are the hospitals' training records, non-members their held-out records; the central
-test split serves as RMIA's population. Nothing of fedpriv's internal state is used.
+Reads ``config.json``, ``partitions.json``, ``model.pt``, ``privacy.json`` (and, for a
+deployment, ``federated_audit.json``, what the hospitals computed themselves); checks each
+before trusting it; runs every requested attack whose needs the run meets and says, for each
+one it cannot run, why; writes ``audit.json``. Nothing of fedpriv's internal state is used.
+
+Attacks are of two kinds behind one name space: membership-inference scores
+(:mod:`fedpriv.privacy.audit.attacks`: loss, lira, lira-offline, rmia), which share the
+members/non-members machinery of :mod:`fedpriv.privacy.audit.membership`, and audits of
+:mod:`fedpriv.privacy.audit.base`'s registry (inversion, attribute, ...).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from fedpriv.data import load_dataset
 from fedpriv.errors import FedprivError
-from fedpriv.models import build
-from fedpriv.privacy.audit.attacks import AttackInputs, create_attack
-from fedpriv.privacy.audit.bounds import (
-    one_run_epsilon,
-    one_run_guesses,
-    split_half_bound,
+from fedpriv.privacy.audit.attacks import available_attacks
+from fedpriv.privacy.audit.base import (
+    AuditInputs,
+    HospitalRecords,
+    Progress,
+    available_audits,
+    create_audit,
 )
-from fedpriv.privacy.audit.metrics import (
-    FPRS,
-    auc,
-    balanced_accuracy,
-    bootstrap,
-    resolvable,
-    roc,
-    tpr_at_fpr,
-)
-from fedpriv.privacy.audit.reference import (
-    Outputs,
-    ReferenceRecipe,
-    model_outputs,
-    train_reference_models,
-)
+from fedpriv.privacy.audit.membership import AuditFailure, membership_audit
 
-__all__ = ["DEFAULT_ATTACKS", "AuditError", "AuditFailure", "audit_run"]
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "AuditError",
+    "AuditFailure",
+    "all_attacks",
+    "audit_run",
+    "load_run",
+]
 
+#: the membership attacks ``fedpriv simulate --audit`` has always run
 DEFAULT_ATTACKS = ("loss", "lira", "lira-offline", "rmia")
 AUDIT_FILE = "audit.json"
 
@@ -55,322 +52,312 @@ class AuditError(FedprivError):
     """The run directory cannot be audited."""
 
 
-class AuditFailure(FedprivError):
-    """An empirical lower bound exceeds the accounted epsilon: the DP guarantee is broken."""
+def all_attacks() -> tuple[str, ...]:
+    """Every attack ``--attacks`` accepts, membership scores first."""
+    return available_attacks() + tuple(
+        a for a in available_audits() if a not in available_attacks()
+    )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not required:
+            return {}
         raise AuditError(
             f"'{path}' is missing: is this a finished fedpriv run directory?"
         ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AuditError(f"'{path}' cannot be read: {exc}") from None
+    except UnicodeDecodeError:
+        raise AuditError(f"'{path}' is not text: the file is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise AuditError(
+            f"'{path}' is damaged (not valid JSON at line {exc.lineno}, column {exc.colno}); "
+            "was the run interrupted while writing it?"
+        ) from None
+    except OSError as exc:
+        raise AuditError(f"'{path}' cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise AuditError(f"'{path}' does not hold a JSON object: the file is damaged")
     return data
 
 
-def _summary(
-    member_scores: np.ndarray,
-    non_member_scores: np.ndarray,
+def _indices(value: Any, where: str, size: int) -> np.ndarray:
+    """Record indices as partitions.json must hold them: whole numbers in ``[0, size)``."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise AuditError(f"partitions.json: {where} must be a list of whole record indices")
+    array = np.asarray(value, dtype=np.int64)
+    if array.size and (array.min() < 0 or array.max() >= size):
+        bad = int(array[(array < 0) | (array >= size)][0])
+        raise AuditError(
+            f"partitions.json: {where} names record {bad}, outside the dataset's 0..{size - 1}: "
+            "the file is damaged or belongs to another dataset"
+        )
+    return array
+
+
+def _hospitals(partitions: Mapping[str, Any], size: int) -> tuple[HospitalRecords, ...]:
+    entries = partitions.get("hospitals")
+    if not isinstance(entries, list) or not entries:
+        raise AuditError("partitions.json names no hospitals: the file is damaged")
+    hospitals = []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "train" not in entry or "held_out" not in entry:
+            raise AuditError(f"partitions.json: hospital {k} lacks train / held_out")
+        name = str(entry.get("name", f"hospital-{k}"))
+        train = _indices(entry["train"], f"{name}'s train", size)
+        held = _indices(entry["held_out"], f"{name}'s held_out", size)
+        both = np.intersect1d(train, held)
+        if both.size:
+            raise AuditError(
+                f"partitions.json: record {int(both[0])} is both trained on and held out at "
+                f"{name}: the file is damaged"
+            )
+        hospitals.append(HospitalRecords(name=name, train=train, held_out=held))
+    return tuple(hospitals)
+
+
+def load_run(
+    run_dir: str | Path,
     *,
-    delta: float,
-    rng: np.random.Generator,
-    samples: int,
-) -> dict[str, Any]:
-    intervals = bootstrap(member_scores, non_member_scores, samples=samples, rng=rng)
-    bound = split_half_bound(member_scores, non_member_scores, delta=delta, rng=rng)
-    curve = roc(member_scores, non_member_scores)
-    keep = np.unique(np.linspace(0, curve.fpr.size - 1, min(curve.fpr.size, 400)).astype(int))
-    return {
-        "auc": auc(member_scores, non_member_scores),
-        "auc_ci": list(intervals["auc"]),
-        "tpr_at_fpr": {str(f): tpr_at_fpr(member_scores, non_member_scores, f) for f in FPRS},
-        "tpr_at_fpr_ci": {str(f): list(intervals[f"tpr@{f}"]) for f in FPRS},
-        "tpr_at_fpr_resolvable": {str(f): resolvable(non_member_scores.size, f) for f in FPRS},
-        "balanced_accuracy": balanced_accuracy(member_scores, non_member_scores),
-        "balanced_accuracy_ci": list(intervals["balanced_accuracy"]),
-        "epsilon_lower_bound": bound.clopper_pearson,
-        "epsilon_lower_bound_gdp": bound.gdp,
-        "epsilon_lower_bound_details": {
-            "method": "threshold chosen on a random half, Clopper-Pearson on the other half",
-            "confidence": bound.confidence,
-            "threshold": bound.threshold,
-            "members": bound.members,
-            "non_members": bound.non_members,
-            "true_positives": bound.true_positives,
-            "false_positives": bound.false_positives,
-        },
-        "members": int(member_scores.size),
-        "non_members": int(non_member_scores.size),
-        "roc": {"fpr": curve.fpr[keep].tolist(), "tpr": curve.tpr[keep].tolist()},
-    }
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> AuditInputs:
+    """What an auditor holds for the run, each file checked: the final model when there is
+    ``model.pt``; the records and who trained on them when the run is a simulation."""
+    import torch
+
+    from fedpriv.data import load_dataset
+    from fedpriv.models import build
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise AuditError(f"run directory '{run}' does not exist")
+    config = _read_json(run / "config.json")
+    for key in ("model", "model-args", "dataset"):
+        if key not in config:
+            raise AuditError(
+                f"'{run / 'config.json'}' has no '{key}': the file is damaged or not fedpriv's"
+            )
+    if not isinstance(config["model-args"], dict):
+        raise AuditError(f"'{run / 'config.json'}': model-args must be an object")
+    _check_metrics(run / "metrics.jsonl")
+    privacy = _read_json(run / "privacy.json", required=False)
+    if privacy and not isinstance(privacy.get("hospitals", {}), dict):
+        raise AuditError(f"'{run / 'privacy.json'}': hospitals must be an object")
+    opts: dict[str, Any] = dict(options or {})
+
+    model = None
+    model_file = run / "model.pt"
+    if model_file.is_file():
+        try:
+            model = build(str(config["model"]), **dict(config["model-args"]))
+            model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True))
+        except FedprivError as exc:
+            raise AuditError(f"'{run / 'config.json'}': {exc}") from None
+        except Exception as exc:
+            raise AuditError(
+                f"'{model_file}' does not load into the recorded model "
+                f"({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
+    deployment = bool(config.get("deployment", False))
+    dataset = None
+    hospitals: tuple[HospitalRecords, ...] = ()
+    population = np.zeros(0, dtype=np.int64)
+    partitions_file = run / "partitions.json"
+    if not deployment and partitions_file.is_file():
+        partitions = _read_json(partitions_file)
+        try:
+            dataset = load_dataset(
+                str(config["dataset"]),
+                label_column=str(config.get("label-column", "label")),
+                site_column=str(config.get("site-column", "site")),
+            )
+        except FedprivError as exc:
+            raise AuditError(f"the run's dataset cannot be loaded: {exc}") from None
+        hospitals = _hospitals(partitions, len(dataset))
+        population = _indices(partitions.get("test", []), "test", len(dataset))
+        canaries = partitions.get("canaries") or []
+        if not isinstance(canaries, list):
+            raise AuditError("partitions.json: canaries must be a list")
+        for c in canaries:
+            if not isinstance(c, dict) or not {"index", "label", "included"} <= set(c):
+                raise AuditError("partitions.json: a canary lacks index / label / included")
+            _indices([c["index"]], "a canary", len(dataset))
+        opts.setdefault("canaries", canaries)
+    elif not deployment and model is None and not (run / "metrics.jsonl").is_file():
+        raise AuditError(
+            f"'{run}' holds no rounds, no partitions.json and no model: the run did not get "
+            "past its start (resume it with `fedpriv simulate --resume`)"
+        )
+    return AuditInputs(
+        run_dir=run,
+        config=config,
+        model=model,
+        dataset=dataset,
+        hospitals=hospitals,
+        population=population,
+        privacy=privacy,
+        options=opts,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def _check_metrics(path: Path) -> None:
+    """The report reads every round: a damaged line stops the audit before it spends time."""
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditError(f"'{path}' cannot be read: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise AuditError(f"'{path}' line {number} is damaged (not valid JSON)") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise AuditError(f"'{path}' line {number} is not a round's record")
+
+
+def _unmet(name: str, inputs: AuditInputs) -> str | None:
+    """Why attack ``name`` cannot run on this run, or None."""
+    deployment = bool(inputs.config.get("deployment", False))
+    if inputs.model is None and name != "inversion":
+        if (inputs.run_dir / "model.ckks.npz").is_file():
+            return (
+                "the final model is encrypted (model.ckks.npz): a hospital decrypts it with "
+                "`fedpriv keys decrypt-model` first"
+            )
+        return "the run has no final model (model.pt): it did not finish"
+    if inputs.dataset is None:
+        if deployment:
+            return (
+                "deployment run: the records stay at the hospitals, so no one holds them "
+                "centrally to attack"
+                + (
+                    "; the hospitals ran the federated LOSS audit instead (below)"
+                    if (inputs.run_dir / "federated_audit.json").is_file()
+                    else "; run with --audit to have each hospital run the federated LOSS audit"
+                )
+            )
+        return "the run has no partitions.json, so which records trained the model is unknown"
+    if name in available_attacks():
+        return None
+    return create_audit(name).unmet(inputs)
 
 
 def audit_run(
     run_dir: str | Path,
     *,
-    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    attacks: Sequence[str] | None = None,
     reference_models: int = 4,
     bootstrap_samples: int = 200,
     seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
     on_reference_model: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Attack the run's final model; write and return ``audit.json``'s content."""
+    """Run ``attacks`` (None: every attack the run's files allow) on the run; write and
+    return ``audit.json``'s content. Requested attacks the run cannot support are listed
+    under ``skipped`` with the reason."""
     started = time.perf_counter()
-    run = Path(run_dir)
-    config = _read_json(run / "config.json")
-    partitions = _read_json(run / "partitions.json")
-    privacy = _read_json(run / "privacy.json") if (run / "privacy.json").is_file() else {}
-    if not (run / "model.pt").is_file():
-        raise AuditError(
-            f"'{run / 'model.pt'}' is missing (under HE a hospital first decrypts it with "
-            "`fedpriv keys decrypt-model`)"
-        )
-    attack_objects = {name: create_attack(name) for name in attacks}
-    dataset = load_dataset(
-        str(config["dataset"]),
-        label_column=str(config.get("label-column", "label")),
-        site_column=str(config.get("site-column", "site")),
-    )
-    model = build(str(config["model"]), **dict(config["model-args"]))
-    try:
-        model.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
-    except Exception as exc:
-        raise AuditError(
-            f"'{run / 'model.pt'}' does not load into the recorded model: {exc}"
-        ) from None
-    hospitals = [
-        (
-            str(h["name"]),
-            np.asarray(h["train"], dtype=np.int64),
-            np.asarray(h["held_out"], dtype=np.int64),
-        )
-        for h in partitions["hospitals"]
-    ]
-    members = np.concatenate([train for _, train, _ in hospitals])
-    non_members = np.concatenate([held for _, _, held in hospitals])
-    audited = np.concatenate([members, non_members])
-    is_member = np.concatenate([np.ones(members.size, bool), np.zeros(non_members.size, bool)])
-    owner = np.concatenate(
-        [np.full(t.size, k) for k, (_, t, _) in enumerate(hospitals)]
-        + [np.full(h.size, k) for k, (_, _, h) in enumerate(hospitals)]
-    )
-    population = np.asarray(partitions.get("test", []), dtype=np.int64)
-    x, y = dataset.features, dataset.labels
-    target = model_outputs(model, x[audited], y[audited])
-    target_population = model_outputs(model, x[population], y[population])
-    delta = float(config.get("delta", 1e-5))
+    known = all_attacks()
+    requested = list(dict.fromkeys(attacks)) if attacks is not None else list(known)
+    unknown = [a for a in requested if a not in known]
+    if unknown:
+        raise AuditError(f"unknown attack '{unknown[0]}': use {', '.join(known)}")
+    inputs = load_run(run_dir, seed=seed, options=options, progress=progress)
+    run = inputs.run_dir
+    skipped: dict[str, str] = {}
+    runnable: list[str] = []
+    for name in requested:
+        reason = _unmet(name, inputs)
+        if reason is None:
+            runnable.append(name)
+        else:
+            skipped[name] = reason
+    if (
+        attacks is not None
+        and requested
+        and not runnable
+        and not ((run / "federated_audit.json").is_file())
+    ):
+        first = requested[0]
+        raise AuditError(f"no requested attack can run on '{run}': {first}: {skipped[first]}")
 
-    timings: dict[str, float] = {}
-    reference: tuple[np.ndarray, list[list[Outputs]]] | None = None
-    if any(a.needs_reference_models for a in attack_objects.values()):
-        if reference_models < 1:
-            raise AuditError("LiRA and RMIA need at least one reference model (--reference-models)")
-        dp = bool(config.get("dp", True)) and config.get("dp-level", "sample") in ("sample", "both")
-        noise = [float(r["noise_multiplier"]) for r in privacy.get("hospitals", {}).values()]
-        recipe = ReferenceRecipe(
-            model_name=str(config["model"]),
-            model_args=dict(config["model-args"]),
-            rounds=int(config.get("rounds", 1)),
-            local_epochs=int(config.get("local-epochs", 1)),
-            hospitals=len(hospitals),
-            batch_size=int(config.get("batch-size", 32)),
-            lr=float(config.get("lr", 0.1)),
-            momentum=float(config.get("momentum", 0.0)),
-            noise_multiplier=float(np.median(noise)) if dp and noise else 0.0,
-            max_grad_norm=float(config.get("max-grad-norm", 1.0)),
-        )
-        t0 = time.perf_counter()
-        reference = train_reference_models(
-            recipe,
-            x[audited],
-            y[audited],
-            count=reference_models,
-            seed=seed,
-            evaluate_on=[(x[audited], y[audited]), (x[population], y[population])],
-            on_model=on_reference_model,
-        )
-        timings["reference_models"] = time.perf_counter() - t0
-
-    inputs = AttackInputs(
-        target_loss=target.loss,
-        target_logit=target.logit,
-        target_prob=target.prob,
-        population_prob=target_population.prob,
-    )
-    if reference is not None:
-        member_mask, outputs = reference
-        inputs = AttackInputs(
-            target_loss=target.loss,
-            target_logit=target.logit,
-            target_prob=target.prob,
-            reference_logit=np.stack([o[0].logit for o in outputs]),
-            reference_prob=np.stack([o[0].prob for o in outputs]),
-            reference_in=member_mask,
-            population_prob=target_population.prob,
-            population_reference_prob=np.stack([o[1].prob for o in outputs]),
-        )
-
+    delta = float(inputs.config.get("delta", 1e-5))
     accounted = {
-        name: float(report["epsilon"]) for name, report in privacy.get("hospitals", {}).items()
+        str(name): float(report["epsilon"])
+        for name, report in inputs.privacy.get("hospitals", {}).items()
+        if isinstance(report, dict) and isinstance(report.get("epsilon"), int | float)
     }
-    rng = np.random.default_rng(seed)
     results: dict[str, Any] = {}
-    for name, attack in attack_objects.items():
-        if attack.needs_population and population.size == 0:
-            continue
-        t0 = time.perf_counter()
-        scores = attack.scores(inputs)
-        entry = _summary(
-            scores[is_member], scores[~is_member], delta=delta, rng=rng, samples=bootstrap_samples
-        )
-        entry["per_hospital"] = {
-            hospital: _summary(
-                scores[is_member & (owner == k)],
-                scores[~is_member & (owner == k)],
-                delta=delta,
-                rng=rng,
-                samples=bootstrap_samples,
-            )
-            for k, (hospital, _, _) in enumerate(hospitals)
-        }
-        for per in entry["per_hospital"].values():
-            per.pop("roc", None)
-        timings[name] = time.perf_counter() - t0
-        results[name] = entry
-
-    verdict, failures = _verdict(results, accounted, dp_on=bool(accounted))
+    timings: dict[str, float] = {}
+    membership_names = [n for n in runnable if n in available_attacks()]
     document: dict[str, Any] = {
-        "attacks": results,
         "accounted_epsilon": accounted,
         "accounted_epsilon_max": max(accounted.values()) if accounted else None,
         "delta": delta,
-        "members": int(members.size),
-        "non_members": int(non_members.size),
-        "population": int(population.size),
-        "per_hospital_counts": {
-            h: {"members": int(t.size), "non_members": int(o.size)} for h, t, o in hospitals
-        },
-        "settings": {
-            "attacks": list(results),
-            "reference_models": reference_models if reference is not None else 0,
-            "bootstrap_samples": bootstrap_samples,
-            "confidence": 0.95,
-            "seed": seed,
-            "score": "higher = more likely a member",
-        },
-        "loss_grid": _hospital_grid(model, dataset, hospitals),
-        "verdict": verdict,
-        "failures": failures,
-        "seconds": {**timings, "total": time.perf_counter() - started},
+        "deployment": bool(inputs.config.get("deployment", False)),
+        # pass / fail: membership bounds against the accounted epsilon; unchecked: none ran
+        "verdict": "no-dp" if not accounted else "unchecked",
+        "failures": [],
     }
-    canaries = partitions.get("canaries") or []
-    if canaries:
-        document["canaries"] = _canary_audit(
-            model, dataset, canaries, delta=delta, accounted=accounted
+    if membership_names:
+        membership = membership_audit(
+            inputs,
+            membership_names,
+            reference_models=reference_models,
+            bootstrap_samples=bootstrap_samples,
+            on_reference_model=on_reference_model,
         )
+        results.update(membership.pop("attacks"))
+        skipped.update(membership.pop("skipped"))
+        timings.update(membership.pop("seconds"))
+        membership.pop("accounted")
+        document.update(membership)
+    for name in runnable:
+        if name in membership_names:
+            continue
+        t0 = time.perf_counter()
+        results[name] = create_audit(name).run(inputs).to_json()
+        timings[name] = time.perf_counter() - t0
+    document["attacks"] = results
+    document["skipped"] = skipped
+    document["leaks"] = sorted(n for n, e in results.items() if e.get("verdict") == "leak")
+    document["settings"] = {
+        "attacks": list(results),
+        "reference_models": document.pop("reference_models", 0),
+        "bootstrap_samples": bootstrap_samples,
+        "confidence": 0.95,
+        "seed": seed,
+        "options": {
+            k: v for k, v in dict(options or {}).items() if isinstance(v, str | int | float)
+        },
+        "score": "membership: higher = more likely a member",
+    }
     federated_path = run / "federated_audit.json"
     if federated_path.is_file():
         document["federated"] = _read_json(federated_path)
+    document["seconds"] = {**timings, "total": time.perf_counter() - started}
     _write(run / AUDIT_FILE, document)
     return document
 
 
-def _hospital_grid(
-    model: torch.nn.Module, dataset: Any, hospitals: list[tuple[str, np.ndarray, np.ndarray]]
-) -> dict[str, Any]:
-    """The LOSS audit on the federated audit's threshold grid, computed exactly as each
-    hospital computes its counts (same loss function, same batches), then summed."""
-    from fedpriv.privacy.audit.federated import LOSS_THRESHOLDS, combine_counts, loss_counts
-    from fedpriv.training import per_example_losses
-
-    cpu = torch.device("cpu")
-    members_le = np.zeros(LOSS_THRESHOLDS.size, dtype=np.int64)
-    non_members_le = np.zeros(LOSS_THRESHOLDS.size, dtype=np.int64)
-    members = non_members = 0
-    for _, train, held in hospitals:
-        m_loss, _ = per_example_losses(
-            model, dataset.features[train], dataset.labels[train], device=cpu
-        )
-        n_loss, _ = per_example_losses(
-            model, dataset.features[held], dataset.labels[held], device=cpu
-        )
-        m_le, n_le = loss_counts(m_loss, n_loss, LOSS_THRESHOLDS)
-        members_le += np.asarray(m_le)
-        non_members_le += np.asarray(n_le)
-        members += train.size
-        non_members += held.size
-    return combine_counts(members_le, non_members_le, members, non_members)
-
-
-def _verdict(
-    results: dict[str, Any], accounted: dict[str, float], *, dp_on: bool
-) -> tuple[str, list[str]]:
-    if not dp_on:
-        return "no-dp", []
-    failures: list[str] = []
-    worst = max(accounted.values())
-    for name, entry in results.items():
-        for key in ("epsilon_lower_bound", "epsilon_lower_bound_gdp"):
-            if entry[key] > worst:
-                failures.append(f"{name} ({key}) {entry[key]:.3f} > accounted {worst:.3f}")
-            for hospital, per in entry["per_hospital"].items():
-                if hospital in accounted and per[key] > accounted[hospital]:
-                    failures.append(
-                        f"{name} ({key}) at {hospital}: {per[key]:.3f} > accounted "
-                        f"{accounted[hospital]:.3f}"
-                    )
-    return ("fail" if failures else "pass"), failures
-
-
-def _canary_audit(
-    model: torch.nn.Module,
-    dataset: Any,
-    canaries: list[dict[str, Any]],
-    *,
-    delta: float,
-    accounted: dict[str, float],
-    beta: float = 0.05,
-) -> dict[str, Any]:
-    """Steinke et al.'s one-run audit: score the canaries, guess, bound epsilon."""
-    index = np.asarray([c["index"] for c in canaries], dtype=np.int64)
-    labels = np.asarray([c["label"] for c in canaries], dtype=np.int64)
-    included = np.asarray([bool(c["included"]) for c in canaries])
-    outputs = model_outputs(model, dataset.features[index], labels)
-    scores = -outputs.loss
-    m = len(canaries)
-    # the guess counts are fixed in advance; taking the best of them costs a Bonferroni factor
-    grid = sorted({g for g in (m // 10, m // 5, m // 2, m) if g >= 2})
-    trials = []
-    for guesses in grid:
-        r, v = one_run_guesses(included, scores, guesses)
-        trials.append(
-            {
-                "guesses": r,
-                "correct": v,
-                "epsilon_lower_bound": one_run_epsilon(m, r, v, delta=delta, beta=beta / len(grid)),
-            }
-        )
-    best = max(trials, key=lambda t: t["epsilon_lower_bound"]) if trials else None
-    bound = best["epsilon_lower_bound"] if best else 0.0
-    worst = max(accounted.values()) if accounted else math.inf
-    return {
-        "canaries": m,
-        "included": int(included.sum()),
-        "confidence": 1 - beta,
-        "delta": delta,
-        "trials": trials,
-        "epsilon_lower_bound": bound,
-        "exceeds_accounted": bool(bound > worst),
-        "member_auc": auc(scores[included], scores[~included]) if 0 < included.sum() < m else None,
-    }
-
-
 def _write(path: Path, document: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2, sort_keys=True, allow_nan=True)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2, sort_keys=True, allow_nan=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
