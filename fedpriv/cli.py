@@ -758,14 +758,85 @@ app.add_typer(site_app, name="site")
 @site_app.command("check")
 def site_check(
     settings: Annotated[Path, typer.Argument(help="the site's settings, e.g. site.toml")],
+    quasi_identifiers: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated CSV columns an outsider could know (e.g. age,zip,sex): "
+            "report k-anonymity and the records unique on them"
+        ),
+    ] = None,
+    sensitive_column: Annotated[
+        str | None,
+        typer.Option(help="the CSV column to report l-diversity of (e.g. diagnosis)"),
+    ] = None,
+    threshold: Annotated[
+        int, typer.Option(min=1, help="groups smaller than this count as at risk")
+    ] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Check a hospital's settings before starting its SuperNode (data, ledger, key, device)."""
+    """Check a hospital's settings before starting its SuperNode (data, ledger, key, device),
+    and optionally how re-identifiable its records are. Everything runs on this machine."""
 
     def run() -> None:
-        from fedpriv.client.site import check_site, load_site_file
+        from fedpriv.client.site import check_site, load_site_file, site_linkage
+        from fedpriv.privacy.audit.linkage import parse_columns
 
-        for line in check_site(load_site_file(settings)):
+        if sensitive_column is not None and quasi_identifiers is None:
+            raise ConfigError("--sensitive-column needs --quasi-identifiers to group records by")
+        qi = parse_columns(quasi_identifiers) if quasi_identifiers is not None else None
+        node_config = load_site_file(settings)
+        found = check_site(node_config)
+        linkage = (
+            site_linkage(node_config, qi, sensitive_column, threshold=threshold)
+            if qi is not None
+            else None
+        )
+        if as_json:
+            import json
+
+            typer.echo(
+                json.dumps(
+                    {
+                        "settings": str(settings),
+                        "checks": found,
+                        "linkage": linkage.to_json() if linkage is not None else None,
+                        "sent": "nothing: computed on this machine from the site's own file",
+                    },
+                    indent=2,
+                )
+            )
+            return
+        for line in found:
             console.print(f"[green]ok[/]  {line}", highlight=False)
+        if linkage is None:
+            return
+        mark = "[green]ok[/]" if linkage.k >= linkage.threshold else "[yellow]risk[/]"
+        console.print(
+            f"{mark}  linkage on ({', '.join(linkage.quasi_identifiers)}): k = {linkage.k}, "
+            f"{linkage.equivalence_classes} groups over {linkage.records} records",
+            highlight=False,
+        )
+        if linkage.unique_records:
+            shown = ", ".join(str(r) for r in linkage.unique_rows[:10])
+            more = ", ..." if linkage.unique_records > 10 else ""
+            console.print(
+                f"      {linkage.unique_records} records are unique on them: rows {shown}{more} "
+                "(row 1 = the first record below the header)",
+                highlight=False,
+            )
+        if linkage.l_distinct is not None:
+            mark = "[green]ok[/]" if linkage.l_distinct >= 2 else "[yellow]risk[/]"
+            console.print(
+                f"{mark}  l-diversity of '{linkage.sensitive_column}': distinct l = "
+                f"{linkage.l_distinct}, entropy l = {linkage.l_entropy:.2f}",
+                highlight=False,
+            )
+        for line in linkage.advice():
+            console.print(f"      {line}", highlight=False)
+        console.print(
+            "      computed on this machine from the site's own file; nothing was sent",
+            highlight=False,
+        )
 
     _guard(run)
 

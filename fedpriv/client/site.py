@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpriv.config import DEVICES, read_toml
-from fedpriv.errors import ConfigError
+from fedpriv.errors import ConfigError, DataError
 
-__all__ = ["SITE_KEYS", "SiteSettings", "check_site", "load_site_file"]
+if TYPE_CHECKING:
+    from fedpriv.privacy.audit.linkage import LinkageReport
+
+__all__ = ["SITE_KEYS", "SiteSettings", "check_site", "load_site_file", "site_linkage"]
 
 DATA_PATH = "data-path"
 SITE_KEYS = (
@@ -196,3 +199,28 @@ def check_site(node_config: Mapping[str, Any]) -> list[str]:
         found.append(f"he-secret-context: key {context.fingerprint}")
     found.append(f"require-dp: {str(site.require_dp).lower()}")
     return found
+
+
+def site_linkage(
+    node_config: Mapping[str, Any],
+    quasi_identifiers: Sequence[str],
+    sensitive: str | None = None,
+    *,
+    threshold: int | None = None,
+) -> LinkageReport:
+    """How re-identifiable the site's own records are from their quasi-identifiers
+    (k-anonymity, l-diversity, unique records), computed on this machine from the raw file;
+    the report names rows of that file and is never sent anywhere."""
+    from fedpriv.privacy.audit.linkage import DEFAULT_THRESHOLD, linkage_report, read_csv_rows
+
+    site = SiteSettings.from_node_config(node_config)
+    rows = read_csv_rows(site.data_path)
+    try:
+        return linkage_report(
+            rows,
+            quasi_identifiers,
+            sensitive,
+            threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        )
+    except DataError as exc:
+        raise DataError(f"'{site.data_path}': {exc}") from None
