@@ -194,6 +194,17 @@ def simulate(
     reference_models: Annotated[
         int | None, typer.Option(help="reference models for LiRA/RMIA in --audit [4]")
     ] = None,
+    quasi_identifiers: Annotated[
+        str | None,
+        typer.Option(
+            help="linkage check per hospital: CSV columns that could identify a patient "
+            "(k-anonymity, unique records; written to linkage.json)"
+        ),
+    ] = None,
+    sensitive_column: Annotated[
+        str | None,
+        typer.Option(help="linkage check: the column whose l-diversity is reported"),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with run-config keys")
     ] = None,
@@ -257,17 +268,35 @@ def simulate(
                     "--resume continues a run with its recorded settings; only --rounds may "
                     f"be given with it (got --{', --'.join(changed or ['config'])})"
                 )
+        if sensitive_column is not None and quasi_identifiers is None:
+            raise ConfigError("--sensitive-column needs --quasi-identifiers")
         run_config = build_config(config, flags)
-        _run_simulation(run_config, resume)
+        _run_simulation(run_config, resume, linkage=(quasi_identifiers, sensitive_column))
 
     _guard(run)
 
 
-def _run_simulation(config: RunConfig, resume: Path | None) -> None:
+def _run_simulation(
+    config: RunConfig,
+    resume: Path | None,
+    *,
+    linkage: tuple[str | None, str | None] = (None, None),
+) -> None:
     from fedpriv.server.simulation import prepare_simulation, run_plan
 
+    quasi_identifiers, sensitive = linkage
+    if quasi_identifiers is not None:
+        from fedpriv.privacy.audit.linkage import parse_columns
+
+        columns = parse_columns(quasi_identifiers)
+        if not str(config.dataset).lower().endswith(".csv"):
+            raise ConfigError(
+                "--quasi-identifiers needs a .csv dataset: linkage checks work on named columns"
+            )
     plan = prepare_simulation(config, resume=resume)
     config = plan.config
+    if quasi_identifiers is not None:
+        _simulated_linkage(plan.run_dir, config, columns, sensitive)
     for notice in plan.notices:
         err_console.print(f"[bold yellow]warning:[/] {notice}", highlight=False)
 
@@ -323,6 +352,32 @@ def _run_simulation(config: RunConfig, resume: Path | None) -> None:
         from fedpriv.report import build_report
 
         console.print(f"report: {build_report(result.run_dir)}", highlight=False)
+
+
+def _simulated_linkage(
+    run_dir: Any, config: RunConfig, columns: tuple[str, ...], sensitive: str | None
+) -> None:
+    """Each simulated hospital's linkage check on its own records, as its site would run
+    it, into linkage.json (in a deployment, `fedpriv site check` keeps it at the site)."""
+    import numpy as np
+
+    from fedpriv.privacy.audit.linkage import hospital_linkage
+
+    split = run_dir.read_partitions()
+    reports = hospital_linkage(
+        config.dataset,
+        {h.name: np.concatenate([h.train, h.held_out]).tolist() for h in split.hospitals},
+        columns,
+        sensitive,
+    )
+    run_dir.write_json("linkage.json", {h: r.to_json() for h, r in reports.items()})
+    for hospital, report in reports.items():
+        diversity = "" if report.l_distinct is None else f", l-diversity {report.l_distinct}"
+        console.print(
+            f"linkage at {hospital}: k-anonymity {report.k}{diversity}, "
+            f"{report.unique_records} unique record(s) on ({', '.join(columns)})",
+            highlight=False,
+        )
 
 
 def _read_privacy(run_dir: Path) -> dict[str, Any]:

@@ -297,3 +297,41 @@ def federated_section(federated: Mapping[str, Any]) -> str:
         )
         + "</section>"
     )
+
+
+def linkage_section(linkage: Mapping[str, Any]) -> str:
+    """Per hospital: k-anonymity and l-diversity of its records on the quasi-identifiers.
+    The unique rows' numbers stay out of the report: they point at patients."""
+    rows = []
+    for hospital, r in sorted(linkage.items()):
+        if not isinstance(r, Mapping):
+            continue
+        diversity = r.get("l_diversity") or {}
+        rows.append(
+            f"<tr><td>{html.escape(str(hospital))}</td><td>{fmt(r.get('records'))}</td>"
+            f"<td>{fmt(r.get('k'))}</td><td>{fmt((r.get('unique_records') or {}).get('count'))}"
+            f"</td><td>{fmt(r.get('records_below_threshold'))}</td>"
+            f"<td>{fmt(diversity.get('distinct'))}</td></tr>"
+        )
+    first = next((r for r in linkage.values() if isinstance(r, Mapping)), {})
+    columns = ", ".join(html.escape(str(c)) for c in first.get("quasi_identifiers", []))
+    sensitive = first.get("sensitive_column")
+    worst = min((int(r.get("k", 0)) for r in linkage.values() if isinstance(r, Mapping)), default=0)
+    threshold = int(first.get("threshold", 5) or 5)
+    reading = (
+        f"some patients can be singled out by ({columns}) alone: k = {worst} at the weakest "
+        "hospital; generalise or suppress these columns before the data is shared or linked"
+        if worst < threshold
+        else f"every patient shares ({columns}) with at least {worst - 1} others at every hospital"
+    )
+    return (
+        "<section id='linkage'><h3>Record linkage: can a patient be singled out by what "
+        "describes them?</h3><p><b>What the attacker had:</b> the values of the quasi-"
+        f"identifiers ({columns}) of a patient, e.g. from another register. Computed at each "
+        "hospital on its own records; only these counts are shown.</p>"
+        "<table><tr><th>hospital</th><th>records</th><th>k-anonymity</th><th>unique records</th>"
+        f"<th>records in groups under {threshold}</th><th>l-diversity of "
+        f"{html.escape(str(sensitive or '-'))}</th></tr>{''.join(rows)}</table>"
+        f"<p class='{'fail' if worst < threshold else 'pass'}'><b>Reading:</b> {reading}.</p>"
+        "</section>"
+    )

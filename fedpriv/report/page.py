@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.errors import RunDirectoryError
-from fedpriv.report.audits import audit_sections, federated_section, verdict_phrase
+from fedpriv.report.audits import (
+    audit_sections,
+    federated_section,
+    linkage_section,
+    verdict_phrase,
+)
 from fedpriv.report.format import fmt, fmt_small
 from fedpriv.report.plots import accuracy_plot, epsilon_plot
 
@@ -196,8 +201,12 @@ def _who_saw_what(config: Mapping[str, Any], he: Mapping[str, Any] | None) -> st
     )
 
 
-def _verdicts(audit: Mapping[str, Any] | None, federated: Mapping[str, Any] | None) -> str:
-    if not audit and not federated:
+def _verdicts(
+    audit: Mapping[str, Any] | None,
+    federated: Mapping[str, Any] | None,
+    linkage: Mapping[str, Any] | None,
+) -> str:
+    if not audit and not federated and not linkage:
         return (
             "<b>Audits:</b> none has been run on this run yet (<code>fedpriv audit RUN_DIR</code>)."
         )
@@ -206,6 +215,9 @@ def _verdicts(audit: Mapping[str, Any] | None, federated: Mapping[str, Any] | No
     ]
     if federated:
         phrases.append(f"federated LOSS audit at the hospitals: AUC {fmt(federated.get('auc'))}")
+    if linkage:
+        ks = [int(r.get("k", 0)) for r in linkage.values() if isinstance(r, Mapping)]
+        phrases.append(f"record linkage: k-anonymity {min(ks, default=0)} at the weakest hospital")
     skipped = (audit or {}).get("skipped") or {}
     text = "<b>Audits:</b> " + ("; ".join(phrases) if phrases else "no attack could run")
     if skipped:
@@ -405,7 +417,7 @@ def build_report(run_dir: str | Path) -> Path:
             (
                 _guarantee(config, privacy),
                 _who_saw_what(config, he),
-                _verdicts(audit, federated),
+                _verdicts(audit, federated, _json(run / "linkage.json")),
             )
         )
         + "</p>",
@@ -434,6 +446,9 @@ def build_report(run_dir: str | Path) -> Path:
         sections.append(federated_section(federated))
         if not audit:
             sections.append("</section>")
+    linkage = _json(run / "linkage.json")
+    if linkage:
+        sections.append(linkage_section(linkage))
     if not audit and not federated:
         sections.append(
             "<section id='audit'><h2>Privacy audit</h2><p>Not audited yet: run "

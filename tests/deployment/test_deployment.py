@@ -16,6 +16,7 @@ from fedpriv.models import build
 from fedpriv.privacy.ledger import Ledger
 from tests.deployment.conftest import HOSPITALS
 from tests.deployment.federation import Federation
+from tests.report_browser import check_report
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,7 +37,7 @@ def _run_config(kit: dict[str, Any], name: str, **extra: Any) -> dict[str, Any]:
 
 def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, Any]) -> None:
     started = time.monotonic()
-    run_id = federation.submit(_run_config(kit, "secure"))
+    run_id = federation.submit(_run_config(kit, "secure", audit=True))
     status = federation.wait_run(run_id, 400)
     seconds = time.monotonic() - started
     assert status["status"] == "finished:completed", (status, federation.log("superlink")[-3000:])
@@ -70,6 +71,26 @@ def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, A
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
     he = json.loads((run / "he.json").read_text())["rounds"]
     assert all(r["rejected"] == [] and r["hospitals"] == 3 for r in he)
+    # the audit says which attacks cannot run without central records; the report renders
+    audited = CliRunner().invoke(app, ["audit", str(run)])
+    assert audited.exit_code == 0, audited.output
+    audit = json.loads((run / "audit.json").read_text())
+    assert audit["attacks"] == {} and "deployment run" in audit["skipped"]["loss"]
+    assert audit["federated"]["members"] > 0, "the hospitals ran the federated audit"
+    text = check_report(
+        run / "report.html",
+        [
+            "summary",
+            "results",
+            "settings",
+            "privacy",
+            "protection",
+            "audit",
+            "not-run",
+            "federated-audit",
+        ],
+    )
+    assert "partition" not in text.split("Settings")[1].split("Privacy spent")[0]
     traffic = status.get("network-traffic")
     (kit["base"] / "secure-timing.json").write_text(
         json.dumps({"seconds": seconds, "network_traffic": traffic, "rounds": 2})

@@ -346,6 +346,9 @@ def audit_run(
     federated_path = run / "federated_audit.json"
     if federated_path.is_file():
         document["federated"] = _read_json(federated_path)
+    linkage_path = run / "linkage.json"
+    if linkage_path.is_file():
+        document["linkage"] = _read_json(linkage_path)
     document["seconds"] = {**timings, "total": time.perf_counter() - started}
     _write(run / AUDIT_FILE, document)
     return document
