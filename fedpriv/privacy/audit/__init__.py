@@ -7,12 +7,14 @@ from fedpriv.privacy.audit.attacks import (
     create_attack,
     register_attack,
 )
+from fedpriv.privacy.audit.attribute import AttributeAudit
 from fedpriv.privacy.audit.run import DEFAULT_ATTACKS, AuditError, AuditFailure, audit_run
 
 __all__ = [
     "DEFAULT_ATTACKS",
     "Attack",
     "AttackInputs",
+    "AttributeAudit",
     "AuditError",
     "AuditFailure",
     "audit_run",
