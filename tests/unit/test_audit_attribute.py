@@ -16,13 +16,9 @@ from torch import nn
 from fedpriv.data import Dataset, load_dataset
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.models import build
-from fedpriv.privacy.audit.attribute import (
-    attack_log_likelihoods,
-    paired_advantage,
-    resolve_sensitive_feature,
-    sensitive_attribute,
-)
+from fedpriv.privacy.audit.attribute import attack_log_likelihoods, paired_advantage
 from fedpriv.privacy.audit.base import AuditInputs, HospitalRecords, create_audit
+from fedpriv.privacy.audit.sensitive import resolve_sensitive_feature, sensitive_attribute
 
 SENSITIVE = 2  # column index of the planted binary attribute
 
