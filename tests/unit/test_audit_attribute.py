@@ -153,6 +153,25 @@ def test_no_leak_from_a_model_that_never_saw_the_members(kind: str) -> None:
     assert set(result.metrics) == set(result.baseline) == {"members", "non_members"}
 
 
+def test_an_advantage_everyone_shares_is_distributional_not_a_leak() -> None:
+    """The XOR holds for every patient: the model learns it from its members and reveals the
+    column of patients it never saw just as well (Jayaraman and Evans' distinction)."""
+    rng = np.random.default_rng(0)
+    n = 600
+    raw = rng.normal(size=(n, 6))
+    raw[:, SENSITIVE] = rng.integers(0, 2, n)
+    labels = (raw[:, SENSITIVE] != (raw[:, 0] > 0)).astype(np.int64)
+    data = Dataset(name="xor", features=_standardize(raw), labels=labels, num_classes=2)
+    members, non_members, population = np.arange(200), np.arange(200, 400), np.arange(400, n)
+    result = create_audit("attribute").run(
+        _inputs(data, _fit(data, members), members, non_members, population)
+    )
+    assert result.details["sensitive_feature"]["chosen_by"].startswith("default")
+    assert result.details["finding"] == "distributional" and result.verdict == "no-leak"
+    assert result.details["advantage"]["non_members"]["ci"][0] > 0.2
+    assert "patients it never saw alike" in result.reading
+
+
 def test_advantage_interval_matches_exhaustive_bootstrap() -> None:
     # the two guessers agree on most records: only a paired bootstrap keeps the low end at 0
     attack = np.array([1, 1, 1, 1, 0, 1])

@@ -114,6 +114,9 @@ class Advantage:
     draws: np.ndarray = dataclasses.field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        """JSON has no NaN: an advantage over no records is null."""
+        if np.isnan(self.value):
+            return {"value": None, "ci": [None, None]}
         return {"value": self.value, "ci": [self.low, self.high]}
 
 
@@ -162,9 +165,13 @@ def paired_advantage(
     return Advantage(float(statistic(diff, truth)), low, high, draws)
 
 
-def _balanced_accuracy(correct: np.ndarray, truth: np.ndarray) -> float:
+def _accuracy(correct: np.ndarray) -> float | None:
+    return float(correct.mean()) if correct.size else None
+
+
+def _balanced_accuracy(correct: np.ndarray, truth: np.ndarray) -> float | None:
     recalls = [correct[truth == c].mean() for c in np.unique(truth)]
-    return float(np.mean(recalls)) if recalls else float("nan")
+    return float(np.mean(recalls)) if recalls else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -290,16 +297,16 @@ def _result(
     balanced: dict[str, Any] = {}
     kept: dict[str, Advantage] = {}
     majority_class = int(np.bincount(population_classes).argmax())
-    majority: dict[str, float] = {}
+    majority: dict[str, float | None] = {}
     for group, g in groups.items():
         hit_attack = g.attack == g.truth
         hit_imputation = g.imputation == g.truth
         metrics[group] = {
-            "accuracy": float(hit_attack.mean()) if g.size else float("nan"),
+            "accuracy": _accuracy(hit_attack),
             "balanced_accuracy": _balanced_accuracy(hit_attack, g.truth),
         }
         baseline[group] = {
-            "accuracy": float(hit_imputation.mean()) if g.size else float("nan"),
+            "accuracy": _accuracy(hit_imputation),
             "balanced_accuracy": _balanced_accuracy(hit_imputation, g.truth),
         }
         kept[group] = paired_advantage(hit_attack, hit_imputation, samples=samples, rng=rng)
@@ -307,7 +314,7 @@ def _result(
         balanced[group] = paired_advantage(
             hit_attack, hit_imputation, samples=samples, rng=rng, truth=g.truth
         ).to_json()
-        majority[group] = float((g.truth == majority_class).mean()) if g.size else float("nan")
+        majority[group] = _accuracy(g.truth == majority_class)
     m, n = kept["members"], kept["non_members"]
     gap_draws = m.draws - n.draws
     gap_low, gap_high = _interval(gap_draws, CONFIDENCE)
@@ -418,6 +425,14 @@ def _conclude(
             f"cannot be told apart from that for patients the model never saw "
             f"({_ci(non_members)}): more records (option attribute_records) would decide "
             "whether it is a leak of the trained patients or true of everyone.",
+        )
+    if members.high < 0:
+        return (
+            "none",
+            "no-leak",
+            scene + f"With the model the guess is worse, by {_ci(members)}: the model gives "
+            "an attacker nothing about this column beyond what the rest of the record and the "
+            "label already give away.",
         )
     return (
         "none",
