@@ -92,8 +92,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--hospitals", type=int, default=3)
+    parser.add_argument("--model-width", type=int, default=0, help="MLP hidden size (0: default)")
     parser.add_argument("--epsilon", type=float, default=4.0)
     parser.add_argument("--client-noise-multiplier", type=float, default=0.5)
+    parser.add_argument(
+        "--cancer-feature",
+        default=None,
+        help="breast-cancer's hidden column (default: the audit's)",
+    )
     parser.add_argument("--csv-records", type=int, default=1500)
     parser.add_argument("--attribute-records", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,19 +109,22 @@ def main() -> None:
     ward = write_ward_csv(workdir / "ward.csv", args.csv_records, args.seed)
     rows: list[dict[str, Any]] = []
     for name in args.datasets:
-        spec, feature = (str(ward), "diagnosis") if name == "ward-csv" else (name, None)
+        spec, feature = (
+            (str(ward), "diagnosis") if name == "ward-csv" else (name, args.cancer_feature)
+        )
         for protection in args.protections:
             values: dict[str, Any] = {
                 "dataset": spec,
                 "hospitals": args.hospitals,
                 "rounds": args.rounds,
                 "local-epochs": args.local_epochs,
+                "model-width": args.model_width,
                 "held-out-fraction": 0.5,
                 "epsilon": args.epsilon,
                 "client-noise-multiplier": args.client_noise_multiplier,
                 "seed": args.seed,
                 "out": str(workdir),
-                "run-name": f"{name}-{protection}",
+                "run-name": f"{name}-{protection}-{feature or 'default'}".replace(" ", "_"),
                 **PROTECTIONS[protection],
             }
             t0 = time.perf_counter()
