@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from fedpriv.data import Dataset, load_dataset
-from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.errors import ConfigError, DataError, FedprivError
 from fedpriv.models import build
 from fedpriv.privacy.audit.attribute import attack_log_likelihoods, paired_advantage
 from fedpriv.privacy.audit.base import AuditInputs, HospitalRecords, create_audit
@@ -304,5 +304,7 @@ def test_unmet_and_bad_options() -> None:
     assert "tabular" in (audit.unmet(images) or "")
     few = _inputs(data, _Constant(), members, non_members, population[:5])
     assert "population records" in (audit.unmet(few) or "")
+    with pytest.raises(DataError, match="population records"):
+        audit.run(few)  # run directly, it refuses as unmet would, in one line
     with pytest.raises(ConfigError, match="attribute_records must be a positive whole number"):
         audit.run(_inputs(data, _Constant(), members, non_members, population, attribute_records=0))

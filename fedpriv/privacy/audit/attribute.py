@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpriv.errors import ConfigError
+from fedpriv.errors import ConfigError, DataError
 from fedpriv.privacy.audit.base import Audit, AuditInputs, AuditResult, register_audit
 from fedpriv.privacy.audit.sensitive import SensitiveAttribute, sensitive_attribute
 
@@ -236,6 +236,9 @@ class AttributeAudit(Audit):
         return None
 
     def run(self, inputs: AuditInputs) -> AuditResult:
+        reason = self.unmet(inputs)
+        if reason is not None:
+            raise DataError(reason)
         dataset = inputs.dataset
         options = inputs.options
         cap = _option_int(options, "attribute_records", DEFAULT_RECORDS)
