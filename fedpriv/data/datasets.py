@@ -125,7 +125,8 @@ class Dataset:
     ``features`` is float32: ``(n, d)`` for tabular data, ``(n, channels, height, width)``
     for images. ``labels`` is int64 in ``[0, num_classes)``. ``test_indices``, when set, is
     the dataset's own held-back test split (MedMNIST's ``test_*``); otherwise the simulation
-    draws one.
+    draws one. ``feature_names`` names the columns of a tabular ``features`` in model order
+    (what an attribute-inference audit lets the user point at); empty when unnamed.
     """
 
     name: str
@@ -135,6 +136,7 @@ class Dataset:
     sites: np.ndarray | None = None
     test_indices: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
+    feature_names: tuple[str, ...] = ()
     source: RecordSource = dataclasses.field(default_factory=RecordSource)
 
     @property
@@ -240,6 +242,7 @@ def _breast_cancer() -> Dataset:
         labels=labels,
         num_classes=2,
         class_names=tuple(str(c) for c in bunch.target_names),
+        feature_names=tuple(names),
         source=RecordSource(columns=tuple(sorted(numeric)), numeric=numeric),
     )
 
@@ -257,6 +260,9 @@ def _digits() -> Dataset:
         labels=np.asarray(bunch.target, dtype=np.int64),
         num_classes=10,
         class_names=tuple(str(c) for c in range(10)),
+        feature_names=tuple(
+            f"pixel_{r}_{c}" for r in range(raw.shape[1]) for c in range(raw.shape[2])
+        ),
         source=RecordSource(digests=_image_digests(raw)),
     )
 
@@ -426,6 +432,7 @@ def _load_csv(
         num_classes=len(classes),
         sites=sites,
         class_names=tuple(classes),
+        feature_names=tuple(header[i] for i in feature_idx),
         source=source,
     )
 

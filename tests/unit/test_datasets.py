@@ -21,6 +21,19 @@ def test_embedded_datasets() -> None:
     assert digits.num_classes == 10 and digits.kind == "image"
 
 
+def test_feature_names_in_model_order() -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    cancer = load_dataset("breast-cancer")
+    bunch = load_breast_cancer()
+    assert cancer.feature_names == tuple(bunch.feature_names)
+    # column i of the model's input is the named column, standardised
+    raw = bunch.data[:, 7]
+    assert np.allclose(cancer.features[:, 7], (raw - raw.mean()) / raw.std(), atol=1e-5)
+    digits = load_dataset("digits")
+    assert len(digits.feature_names) == 64 and digits.feature_names[9] == "pixel_1_1"
+
+
 def _medmnist(path: Path, *, rgb: bool = False, drop: str | None = None) -> Path:
     rng = np.random.default_rng(0)
     arrays = {}
@@ -69,6 +82,7 @@ def test_csv_with_label_and_site(tmp_path: Path) -> None:
     assert data.features.shape == (4, 2)
     assert data.labels.tolist() == [1, 0, 0, 1]  # classes sorted: no=0, yes=1
     assert data.sites is not None and data.sites.tolist() == ["A", "B", "A", "B"]
+    assert data.feature_names == ("age", "bp")  # the label and site columns are not features
 
 
 def test_csv_without_label_column(tmp_path: Path) -> None:

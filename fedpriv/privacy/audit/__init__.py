@@ -7,6 +7,7 @@ from fedpriv.privacy.audit.attacks import (
     create_attack,
     register_attack,
 )
+from fedpriv.privacy.audit.attribute import AttributeAudit
 from fedpriv.privacy.audit.base import (
     Audit,
     AuditInputs,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_ATTACKS",
     "Attack",
     "AttackInputs",
+    "AttributeAudit",
     "Audit",
     "AuditError",
     "AuditFailure",

@@ -1,0 +1,145 @@
+"""The hidden column of an attribute-inference audit, and the values an attacker guesses between.
+
+The user names the column (by name or index); a categorical one (few distinct values, like a
+diagnosis code) is guessed among its values, any other above or below the population median.
+The attacker works in the model's feature space: the dataset's standardised columns (the
+standardisation uses the whole dataset's statistics, as the model's own input does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from fedpriv.errors import ConfigError, DataError
+
+__all__ = [
+    "CATEGORICAL_MAX",
+    "SensitiveAttribute",
+    "resolve_sensitive_feature",
+    "sensitive_attribute",
+]
+
+#: a column with at most this many distinct values is categorical: its values are the guesses
+CATEGORICAL_MAX = 10
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SensitiveAttribute:
+    """The hidden column and the values an attacker chooses between.
+
+    ``candidates[k]`` is the model-space value substituted for class ``k``. A categorical
+    column's classes are its values; any other column is split at the population median
+    (class 1: above it) and each side is represented by the population median of that side.
+    """
+
+    index: int
+    name: str
+    chosen_by: str
+    encoding: str  # "categorical" or "median-split"
+    candidates: np.ndarray
+    labels: tuple[str, ...]  # each class in the file's units, for people
+    threshold: float | None = None  # model space, median split only
+
+    def classes(self, values: np.ndarray) -> np.ndarray:
+        """The class of each record's true value."""
+        if self.threshold is not None:
+            return (values > self.threshold).astype(np.int64)
+        return np.abs(values[:, None] - self.candidates[None, :]).argmin(axis=1)
+
+
+def _names(dataset: Any) -> tuple[str, ...]:
+    width = int(dataset.features.shape[1])
+    names = tuple(dataset.feature_names)
+    return names if len(names) == width else tuple(f"feature_{i}" for i in range(width))
+
+
+def resolve_sensitive_feature(
+    dataset: Any, spec: str | int | None, population: np.ndarray
+) -> tuple[int, str]:
+    """The column ``spec`` names (a feature name, else an index), and how it was chosen.
+
+    With no ``spec`` the default is the first categorical column (few distinct values, like a
+    diagnosis code), else the column most correlated with the label in the population: the
+    one a model is most likely to have learned something about.
+    """
+    names = _names(dataset)
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        features = dataset.features
+        for i in range(len(names)):
+            if np.unique(features[:, i]).size <= CATEGORICAL_MAX:
+                return i, f"default: the first column with at most {CATEGORICAL_MAX} values"
+        x = features[population].astype(np.float64)
+        y = dataset.labels[population].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.nan_to_num(np.corrcoef(np.column_stack([x, y]), rowvar=False)[-1, :-1])
+        best = int(np.abs(r).argmax())
+        return (
+            best,
+            f"default: the column most correlated with the label (|r| = {abs(r[best]):.2f})",
+        )
+    text = str(spec).strip()
+    if text in names:
+        return names.index(text), "user"
+    try:
+        index = int(text)
+    except ValueError:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ConfigError(
+            f"unknown sensitive feature '{text}': name one of the dataset's columns ({shown}) "
+            f"or give its index 0..{len(names) - 1}"
+        ) from None
+    if not 0 <= index < len(names):
+        raise ConfigError(
+            f"sensitive feature index {index} is out of range: the dataset has {len(names)} "
+            f"feature columns (0..{len(names) - 1})"
+        )
+    return index, "user"
+
+
+def sensitive_attribute(
+    dataset: Any, spec: str | int | None, population: np.ndarray
+) -> SensitiveAttribute:
+    """Resolve ``spec`` and decide what the attacker guesses between."""
+    index, chosen_by = resolve_sensitive_feature(dataset, spec, population)
+    name = _names(dataset)[index]
+    column = dataset.features[:, index].astype(np.float64)
+    raw = _raw_column(dataset, name)
+    values = np.unique(column)
+    if values.size <= CATEGORICAL_MAX:
+        first = [int(np.flatnonzero(column == v)[0]) for v in values]
+        labels = tuple(
+            _fmt(raw[i]) if raw is not None else _fmt(v) for i, v in zip(first, values, strict=True)
+        )
+        return SensitiveAttribute(index, name, chosen_by, "categorical", values, labels)
+    known = column[population]
+    threshold = float(np.median(known))
+    low, high = known[known <= threshold], known[known > threshold]
+    if low.size == 0 or high.size == 0:
+        raise DataError(
+            f"the population records all share one value of '{name}': it cannot be split at "
+            "the median; choose another --sensitive-feature"
+        )
+    shown = _fmt(float(np.median(raw[population]))) if raw is not None else _fmt(threshold)
+    return SensitiveAttribute(
+        index,
+        name,
+        chosen_by,
+        "median-split",
+        np.array([np.median(low), np.median(high)]),
+        (f"<= {shown}", f"> {shown}"),
+        threshold,
+    )
+
+
+def _raw_column(dataset: Any, name: str) -> np.ndarray | None:
+    """The column in the file's units, when the dataset keeps it."""
+    numeric = getattr(getattr(dataset, "source", None), "numeric", {})
+    values = numeric.get(name)
+    return None if values is None or len(values) != len(dataset) else np.asarray(values)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
