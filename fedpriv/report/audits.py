@@ -194,25 +194,36 @@ def _inversion(entry: Mapping[str, Any]) -> str:
 
 def _attribute(entry: Mapping[str, Any]) -> str:
     parts = [_had(entry)]
+    feature = entry.get("sensitive_feature") or {}
+    if feature:
+        classes = ", ".join(html.escape(str(c)) for c in feature.get("classes", []))
+        parts.append(
+            f"<p>Hidden column: <b>{html.escape(str(feature.get('name')))}</b> ({classes}; "
+            f"{html.escape(str(feature.get('chosen_by', '')))}).</p>"
+        )
+    baseline = entry.get("baseline") or {}
+    advantage = entry.get("advantage") or {}
     rows = []
     for group in ("members", "non_members"):
-        g = entry.get(group)
-        if not isinstance(g, Mapping):
+        attack = entry.get(group)
+        if not isinstance(attack, Mapping):
             continue
-        ci = g.get("advantage_ci") or [None, None]
+        base = baseline.get(group) or {}
+        adv = advantage.get(group) or {}
+        ci = adv.get("ci") or [None, None]
+        count = (entry.get("records") or {}).get(group)
         rows.append(
-            f"<tr><td>{group.replace('_', '-')}</td><td>{fmt(g.get('attack_accuracy'))}</td>"
-            f"<td>{fmt(g.get('imputation_accuracy'))}</td><td>{fmt(g.get('advantage'))} "
-            f"[{fmt(ci[0])}, {fmt(ci[1])}]</td><td>{fmt(g.get('records'))}</td></tr>"
+            f"<tr><td>{'trained on (members)' if group == 'members' else 'held out'}</td>"
+            f"<td>{fmt(attack.get('accuracy'))}</td><td>{fmt(base.get('accuracy'))}</td>"
+            f"<td>{fmt(adv.get('value'))} [{fmt(ci[0])}, {fmt(ci[1])}]</td>"
+            f"<td>{fmt(count)}</td></tr>"
         )
     if rows:
         parts.append(
-            "<table><tr><th>records</th><th>attack accuracy (model + auxiliary data)</th>"
+            "<table><tr><th>patients</th><th>attack accuracy (model + auxiliary data)</th>"
             "<th>imputation baseline (auxiliary data only)</th><th>advantage [95% CI]</th>"
             f"<th>records</th></tr>{''.join(rows)}</table>"
         )
-    else:
-        parts.append(_figures_table(entry))
     parts.append(_reading(entry))
     return "".join(parts)
 

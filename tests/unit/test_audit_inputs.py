@@ -164,3 +164,29 @@ def test_damaged_report_inputs_give_one_line(tmp_path: Path, case: str) -> None:
     damage, expected = DAMAGE[case]
     damage(run)
     _one_line_failure(["report", str(run)], run, expected)
+
+
+def test_every_registered_attack_says_why_it_cannot_run_on_a_deployment(tmp_path: Path) -> None:
+    from fedpriv.privacy.audit import all_attacks, available_audits, create_audit
+    from fedpriv.privacy.audit.base import NEEDS
+
+    for name in available_audits():
+        assert create_audit(name).needs <= set(NEEDS), name
+    run = _run_dir(tmp_path)
+    (run / "partitions.json").unlink()
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "deployment": True}))
+    result = runner.invoke(app, ["audit", str(run)])
+    assert result.exit_code == 0, result.output
+    audit = json.loads((run / "audit.json").read_text())
+    assert audit["attacks"] == {}
+    assert set(audit["skipped"]) == set(all_attacks())
+    assert all("deployment run" in reason for reason in audit["skipped"].values())
+    assert "not run" in result.output and "Traceback" not in result.output
+    # asked for by name, an attack that cannot run is an error, not an empty audit
+    _one_line_failure(["audit", str(run), "--attacks", "lira"], run, "deployment run")
+
+
+def test_an_unknown_attack_is_named(tmp_path: Path) -> None:
+    run = _run_dir(tmp_path)
+    _one_line_failure(["audit", str(run), "--attacks", "loss,zip"], run, "unknown attack 'zip'")

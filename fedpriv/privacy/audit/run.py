@@ -273,7 +273,12 @@ def audit_run(
     unknown = [a for a in requested if a not in known]
     if unknown:
         raise AuditError(f"unknown attack '{unknown[0]}': use {', '.join(known)}")
-    inputs = load_run(run_dir, seed=seed, options=options, progress=progress)
+    inputs = load_run(
+        run_dir,
+        seed=seed,
+        options={"bootstrap_samples": bootstrap_samples, **dict(options or {})},
+        progress=progress,
+    )
     run = inputs.run_dir
     skipped: dict[str, str] = {}
     runnable: list[str] = []
