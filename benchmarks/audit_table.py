@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.config import RunConfig
-from fedpriv.privacy.audit import audit_run
+from fedpriv.privacy.audit import DEFAULT_ATTACKS, audit_run
 from fedpriv.server.simulation import simulate
 
 
@@ -47,7 +47,7 @@ def main() -> None:
             run = simulate(RunConfig.from_mapping(values))
             training = time.perf_counter() - t0
             for k in args.reference_models:
-                audit = audit_run(run.run_dir, reference_models=k)
+                audit = audit_run(run.run_dir, attacks=DEFAULT_ATTACKS, reference_models=k)
                 for name, entry in audit["attacks"].items():
                     row = {
                         "dataset": dataset,

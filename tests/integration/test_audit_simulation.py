@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import fedpriv
 from fedpriv.cli import app
 from fedpriv.config import RunConfig
-from fedpriv.privacy.audit import audit_run
+from fedpriv.privacy.audit import DEFAULT_ATTACKS, audit_run
 
 runner = CliRunner()
 
@@ -38,7 +38,17 @@ def overfit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_an_overfit_model_without_dp_leaks_plainly(overfit: Path) -> None:
-    result = runner.invoke(app, ["audit", str(overfit), "--reference-models", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            str(overfit),
+            "--attacks",
+            "loss,lira,lira-offline,rmia",
+            "--reference-models",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "without DP" in result.output
     audit = json.loads((overfit / "audit.json").read_text())
@@ -113,7 +123,7 @@ def test_at_epsilon_one_the_audit_stays_under_the_ledger(tmp_path: Path) -> None
         run_name="dp1",
     )
     run = fedpriv.simulate(config)
-    audit = audit_run(run.run_dir, reference_models=2)
+    audit = audit_run(run.run_dir, attacks=DEFAULT_ATTACKS, reference_models=2)
     assert audit["verdict"] == "pass", audit["failures"]
     accounted = max(audit["accounted_epsilon"].values())
     assert accounted <= 1.0
