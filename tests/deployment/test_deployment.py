@@ -90,7 +90,9 @@ def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, A
             "federated-audit",
         ],
     )
-    assert "partition" not in text.split("Settings")[1].split("Privacy spent")[0]
+    settings = text.split("Settings")[1].split("Privacy spent")[0]
+    assert "partition\t" not in settings and "dataset\t" not in settings, settings
+    assert "rounds\t2" in settings, settings
     traffic = status.get("network-traffic")
     (kit["base"] / "secure-timing.json").write_text(
         json.dumps({"seconds": seconds, "network_traffic": traffic, "rounds": 2})
