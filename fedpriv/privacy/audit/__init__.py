@@ -1,5 +1,7 @@
-"""Membership-inference audits: attacks, metrics, empirical-epsilon bounds, canaries."""
+"""Membership-inference audits: attacks, metrics, empirical-epsilon bounds, canaries; and
+the registry of audits (:mod:`fedpriv.privacy.audit.base`), with gradient inversion."""
 
+from fedpriv.privacy.audit import inversion  # noqa: F401  (registers audit "inversion")
 from fedpriv.privacy.audit.attacks import (
     Attack,
     AttackInputs,
