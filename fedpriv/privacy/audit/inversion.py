@@ -33,12 +33,14 @@ it (after client-level DP's noise): what another hospital, or anyone given the m
 
 Reconstructions are matched to the true records by the Hungarian method (same label only).
 Per record: PSNR and SSIM for images (data range: the dataset's max - min), MSE and mean
-absolute error per feature for tables, beside two no-information baselines: the mean of the
-population records (the run's test split) and a random population record of the same class.
-A record *leaks* when the reconstruction beats the better baseline by ``margin_db`` (3 dB:
-half the squared error). Verdict: ``leak`` when most attacked records leak and the mean
-beats the baseline's mean by the margin, ``inconclusive`` when some do (or nothing reached
-the server), ``no-leak`` when none does. A ``no-leak`` holds for this attack and budget only.
+absolute error per feature for tables, beside no-information baselines from the population
+records (the run's test split, which no hospital trains on): their mean, their mean over the
+record's class (the attacker knows the label), and a random one of the class; the baseline
+is the one that does best on average. A record *leaks* when its reconstruction beats that
+baseline by ``margin_db`` (3 dB: half the squared error). Verdict: ``leak`` when most
+attacked records leak and the mean beats the baseline's mean by the margin,
+``inconclusive`` when some do (or nothing reached the server), ``no-leak`` when none does.
+A ``no-leak`` holds for this attack and budget only.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ VIEWS = ("server", "model")
 LOSSES = ("cosine", "l2")
 #: image arrays kept in audit.json for the report
 SHOWN = 8
+#: the no-information guesses (see :func:`_baselines`); the best on average is the baseline
+BASELINES = ("mean", "class-mean", "random")
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -131,8 +135,14 @@ class InversionSettings:
             for key in (f"inversion_{field.name}", f"inversion-{field.name.replace('_', '-')}"):
                 if key in options:
                     raw = options[key]
+                    kind = type(getattr(cls(), field.name))
                     try:
-                        values[field.name] = type(getattr(cls(), field.name))(raw)
+                        if kind is bool and isinstance(raw, str):
+                            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                                raise ValueError(raw)
+                            values[field.name] = raw.lower() in ("true", "1", "yes")
+                        else:
+                            values[field.name] = kind(raw)
                     except (TypeError, ValueError):
                         raise ConfigError(f"audit option {key}: {raw!r} is not valid") from None
         return cls(**values)
@@ -234,7 +244,8 @@ def noise_multiplier(
     config: RunConfig, privacy: Mapping[str, Any], hospital: str, records: int
 ) -> float:
     """The noise multiplier the hospital's DP-SGD used: ``privacy.json``'s, else the fixed
-    ``noise-multiplier``, else calibrated as the hospital calibrates it for ``records``."""
+    ``noise-multiplier``, else calibrated as the hospital calibrates it for its ``records``
+    training records (patients)."""
     report = (privacy.get("hospitals") or {}).get(hospital) or {}
     if float(report.get("noise_multiplier") or 0) > 0:
         return float(report["noise_multiplier"])
@@ -249,7 +260,7 @@ def noise_multiplier(
         rounds=config.rounds,
         one_step_per_round=config.strategy == "fedsgd",
         target_epsilon=config.epsilon,
-        delta=min(config.delta, 0.5 / max(1, records)),
+        delta=config.delta,
         accountant=config.accountant,
         max_grad_norm=config.max_grad_norm,
     ).noise_multiplier
@@ -314,6 +325,7 @@ def replay_round(
             ledger_dir=str(work / "ledgers"),
             secagg_threshold=min(config.secagg_threshold, len(chosen)),
             hospitals=max(len(chosen), 1),
+            device="cpu",
         )
         if protocol == "ckks":
             from fedpriv.privacy.he import write_keys
@@ -745,6 +757,14 @@ class InversionAudit(Audit):
         per_message = settings.batch * sampled
         messages = max(1, math.ceil(settings.records / per_message))
         population = _population(inputs)
+        noise = (
+            {
+                h.name: noise_multiplier(config, inputs.privacy, h.name, int(np.size(h.train)))
+                for h in hospitals
+            }
+            if config.sample_level_dp
+            else None
+        )
         rng = np.random.default_rng([int(inputs.seed) % 2**32, 12])
         order = {h.name: rng.permutation(np.asarray(h.train, dtype=np.int64)) for h in hospitals}
         used = dict.fromkeys(order, 0)
@@ -788,6 +808,7 @@ class InversionAudit(Audit):
                     privacy=inputs.privacy,
                     seed=seed,
                     workdir=Path(tmp) / f"m{m}",
+                    noise=noise,
                 )
                 replay_seconds += time.perf_counter() - t0
                 if isinstance(observed, str):
@@ -826,9 +847,12 @@ class InversionAudit(Audit):
                 owners = [p.name for p in observed.participants for _ in range(p.records.size)]
                 for i, record in enumerate(truth_index):
                     guess = guesses[assigned[i]]
-                    mean_guess, random_guess = _baselines(dataset, population, int(record), rng)
+                    guesses_from_public = _baselines(dataset, population, int(record), rng)
                     row = _scores(
-                        features[record], guess, mean_guess, random_guess, image, data_range
+                        features[record],
+                        {"attack": guess, **guesses_from_public},
+                        image,
+                        data_range,
                     )
                     row.update(
                         {
@@ -847,8 +871,7 @@ class InversionAudit(Audit):
                                 "label": int(dataset.labels[record]),
                                 "original": _rounded(features[record]),
                                 "reconstruction": _rounded(guess),
-                                "mean": _rounded(mean_guess),
-                                "random": _rounded(random_guess),
+                                **{k: _rounded(v) for k, v in guesses_from_public.items()},
                             }
                         )
         return _result(
@@ -884,28 +907,31 @@ def _population(inputs: AuditInputs) -> np.ndarray:
 
 def _baselines(
     dataset: Any, population: np.ndarray, record: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """The population's mean record, and a random population record of the same class
-    (never the attacked one; any class if none)."""
+) -> dict[str, np.ndarray]:
+    """Guesses from public records alone (never the attacked one): the population's mean
+    record, the mean of its records of the attacked record's class (the attacker knows the
+    label), and one random record of that class (any class if the population has none)."""
     features = dataset.features
     pool = population[population != record]
     if pool.size == 0:
         pool = np.setdiff1d(np.arange(len(dataset)), [record])
     same = pool[dataset.labels[pool] == dataset.labels[record]]
     pick = same if same.size else pool
-    return features[pool].mean(axis=0), features[int(rng.choice(pick))]
+    return {
+        "mean": features[pool].mean(axis=0),
+        "class-mean": features[pick].mean(axis=0),
+        "random": features[int(rng.choice(pick))],
+    }
 
 
 def _scores(
     truth: np.ndarray,
-    guess: np.ndarray,
-    mean_guess: np.ndarray,
-    random_guess: np.ndarray,
+    estimates: Mapping[str, np.ndarray],
     image: bool,
     data_range: float,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, estimate in (("attack", guess), ("mean", mean_guess), ("random", random_guess)):
+    for key, estimate in estimates.items():
         error = np.asarray(estimate, np.float64) - np.asarray(truth, np.float64)
         if image:
             out[key] = {
@@ -1006,12 +1032,12 @@ def _result(
         return np.asarray([r[kind][key] for r in rows], dtype=np.float64)
 
     if image:
-        better = max(("mean", "random"), key=lambda k: float(np.mean(per(k, "psnr"))))
+        better = max(BASELINES, key=lambda k: float(np.mean(per(k, "psnr"))))
         gain = per("attack", "psnr") - per(better, "psnr")
         leaked = gain > settings.margin_db
         mean_gain = float(np.mean(per("attack", "psnr")) - np.mean(per(better, "psnr")))
     else:
-        better = min(("mean", "random"), key=lambda k: float(np.mean(per(k, "mse"))))
+        better = min(BASELINES, key=lambda k: float(np.mean(per(k, "mse"))))
         ratio = per(better, "mse") / np.maximum(per("attack", "mse"), 1e-300)
         gain = 10 * np.log10(ratio)
         leaked = gain > settings.margin_db
@@ -1039,7 +1065,7 @@ def _result(
 
     metrics = {**block("attack"), "records": n, "leaked_records": k}
     baseline = {**block(better), "kind": better}
-    details["baselines"] = {kind: block(kind) for kind in ("mean", "random")}
+    details["baselines"] = {kind: block(kind) for kind in BASELINES}
     details["records_attacked"] = [
         {
             "index": r["index"],
@@ -1065,7 +1091,11 @@ def _result(
             f"mean squared error {metrics['mse']:.3g} (standardised features) against "
             f"{baseline['mse']:.3g}"
         )
-    guess = {"mean": "the population's mean record", "random": "a random record of the class"}
+    guess = {
+        "mean": "the population's mean record",
+        "class-mean": "the population's mean record of the class",
+        "random": "a random record of the class",
+    }
     source = what or "the message"
     records_word = "one record" if settings.batch == 1 else f"{settings.batch} records"
     if verdict == "leak":
@@ -1105,8 +1135,8 @@ def _result(
 
 def figure(entry: Mapping[str, Any]) -> Any:
     """A matplotlib figure of ``audit.json``'s ``attacks.inversion`` entry: one column per
-    shown record; rows: the record, the reconstruction, the population mean, a random
-    record of its class. None for tables (no images)."""
+    shown record; rows: the record, the reconstruction (its PSNR above), the public records'
+    mean of its class, a random public record of its class. None for tables (no images)."""
     shown = entry.get("images") or []
     if not shown:
         return None
@@ -1119,7 +1149,7 @@ def figure(entry: Mapping[str, Any]) -> Any:
     rows = (
         ("original", "record"),
         ("reconstruction", "rebuilt"),
-        ("mean", "mean"),
+        ("class-mean", "class mean"),
         ("random", "random"),
     )
     fig, axes = plt.subplots(
