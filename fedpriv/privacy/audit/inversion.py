@@ -94,15 +94,18 @@ class InversionSettings:
 
     ``batch``: records per attacked message (default 1: the most a single record's message
     reveals). ``records``: records attacked in all (messages: ``records / batch``, per
-    hospital in the aggregate). ``steps``, ``restarts``: optimiser steps per restart and
-    restarts per message (the restart whose match is best is kept; the attacker cannot see
-    the truth). ``hospital``: attack only this one (default: each in turn).
+    hospital in the aggregate). ``restarts`` random starts per message are each run for
+    ``steps / 4`` optimiser steps; the one whose update matches best (the attacker cannot see
+    the truth) runs the full ``steps``: ``steps * (1 + restarts / 4)`` steps a message.
+    ``hospital``: attack only this one (default: each in turn). ``view``: see
+    :data:`VIEWS`. ``threads``: torch threads during the attack (1: fastest for small
+    models, and polite to a shared machine).
     """
 
     batch: int = 1
     records: int = 8
     steps: int = 1000
-    restarts: int = 1
+    restarts: int = 4
     lr: float = 0.1
     tv: float = 1e-3
     loss: str = "cosine"
@@ -691,6 +694,8 @@ def _optimise(
             tick()
     x, _ = min(candidates, key=lambda c: c[1])
     x, value = descend(x, settings.steps, decay=True)
+    if tick is not None:
+        tick()
     return x.numpy().copy(), value
 
 
@@ -771,12 +776,15 @@ class InversionAudit(Audit):
         from fedpriv.models import initial_state
 
         initial = initial_state(model_name, config.seed, **model_args)
-        total_ticks = messages * settings.restarts
+        # one tick per probed start and one for the full run of the best (or the only) one
+        ticks_per_message = settings.restarts + 1 if settings.restarts > 1 else 1
+        total_ticks = messages * ticks_per_message
         ticks = 0
         inputs.tick("inversion", 0, total_ticks)
         rows: list[dict[str, Any]] = []
         shown: list[dict[str, Any]] = []
         failures: list[str] = []
+        declined: list[str] = []
         what = ""
         round_seconds: list[float] = []
         attack_seconds = 0.0
@@ -813,10 +821,11 @@ class InversionAudit(Audit):
                 replay_seconds += time.perf_counter() - t0
                 if isinstance(observed, str):
                     failures.append(observed)
-                    ticks += settings.restarts
+                    ticks += ticks_per_message
                     inputs.tick("inversion", ticks, total_ticks)
                     continue
                 what = observed.what
+                declined.extend(observed.declined)
                 round_seconds.append(observed.round_seconds)
                 truth_index = np.concatenate([p.records for p in observed.participants])
                 labels = dataset.labels[truth_index]
@@ -878,6 +887,8 @@ class InversionAudit(Audit):
             rows=rows,
             shown=shown,
             failures=failures,
+            declined=declined,
+            noise=noise,
             what=what,
             settings=settings,
             config=config,
@@ -956,6 +967,8 @@ def _result(
     rows: list[dict[str, Any]],
     shown: list[dict[str, Any]],
     failures: list[str],
+    declined: list[str],
+    noise: Mapping[str, float] | None,
     what: str,
     settings: InversionSettings,
     config: RunConfig,
@@ -966,13 +979,19 @@ def _result(
     sampled: int,
     seconds: dict[str, float],
 ) -> AuditResult:
-    dp = (
-        "none"
-        if not config.dp
-        else {"sample": "sample-level DP-SGD", "client": "client-level", "both": "both"}[
-            config.dp_level
-        ]
-    )
+    parts = []
+    if config.sample_level_dp:
+        sigmas = sorted(set((noise or {}).values()))
+        shown_sigma = ", ".join(f"{v:.3g}" for v in sigmas) or "?"
+        parts.append(
+            f"sample-level DP-SGD (noise multiplier {shown_sigma}, clip {config.max_grad_norm:g})"
+        )
+    if config.client_level_dp:
+        parts.append(
+            f"client-level DP (clip {config.client_clip_norm:g}, noise multiplier "
+            f"{config.client_noise_multiplier:g})"
+        )
+    dp = " and ".join(parts) or "none"
     strategy = (
         "FedSGD (one gradient step)"
         if config.strategy == "fedsgd"
@@ -985,7 +1004,8 @@ def _result(
         f"and attacks {what or 'what it receives'}; {strategy}; DP: {dp}; aggregation: "
         f"{config.aggregation}. Inverting Gradients (Geiping et al. 2020): "
         f"{settings.loss} matching{', total-variation prior' if image else ''}, Adam on "
-        f"signed gradients, {settings.steps} steps x {settings.restarts} restart(s) per message"
+        f"signed gradients; per message {settings.restarts} random start(s), the best "
+        f"matching one run for {settings.steps} steps"
     )
     n = len(rows)
     if image:
@@ -1010,6 +1030,15 @@ def _result(
         "value_range": list(bounds),
         "kind": "image" if image else "tabular",
         "failures": failures,
+        "declined": declined,
+        "dp": {
+            "noise_multiplier": dict(noise) if noise else None,
+            "max_grad_norm": config.max_grad_norm if config.sample_level_dp else None,
+            "client_clip_norm": config.client_clip_norm if config.client_level_dp else None,
+            "client_noise_multiplier": (
+                config.client_noise_multiplier if config.client_level_dp else None
+            ),
+        },
         "seconds": seconds,
     }
     if n == 0:
@@ -1120,6 +1149,11 @@ def _result(
         )
     if failures:
         reading += f" ({len(failures)} replayed round(s) gave the server nothing to attack.)"
+    if declined:
+        reading += (
+            f" ({len(declined)} hospital update(s) were declined in the replayed rounds and are "
+            "not in what the server got: " + "; ".join(sorted(set(declined)))[:300] + ")"
+        )
     return AuditResult(
         attacker=attacker,
         metrics=metrics,
