@@ -119,20 +119,41 @@ class LocalFederation:
         counts: Mapping[int, Any] | None = None,
     ) -> ArrayRecord | None:
         """One round; the new global model as the server holds it (None: no aggregate)."""
-        reference = ArrayRecord({k: Array(np.asarray(v)) for k, v in self.model.items()})
         self.server.expect(self.nodes)
-        contributions = []
+        records = {}
         for node in self.nodes:
             if node in drop_in_training:
                 continue
             record = self.encode(node, server_round, weights[node])
             if tamper and node in tamper:
                 record = tamper[node](record)
+            records[node] = record
+        return self.collect(
+            server_round, records, counts=counts, drop_in_unmasking=drop_in_unmasking
+        )
+
+    def collect(
+        self,
+        server_round: int,
+        records: Mapping[int, ArrayRecord],
+        *,
+        gradient: bool = False,
+        counts: Mapping[int, Any] | None = None,
+        drop_in_unmasking: Sequence[int] = (),
+    ) -> ArrayRecord | None:
+        """The server's side of a round whose hospitals sent ``records`` (``{node: what it
+        sent}``, e.g. the :class:`~fedpriv.client.hospital.RoundResult` arrays of their real
+        training rounds; ``gradient``: FedSGD's mode): the new global model as the server
+        holds it (None: no aggregate). ``self.server.expect(nodes)`` must have been called
+        for the round first, as :meth:`round` does."""
+        reference = ArrayRecord({k: Array(np.asarray(v)) for k, v in self.model.items()})
+        contributions = []
+        for node, record in records.items():
             self.received.append(record)
             claimed = (counts or {}).get(node, self.counts[node])
             contributions.append(Contribution(self.name(node), record, claimed, node))
         result = self.server.aggregate(
-            contributions, reference=reference, gradient=False, server_round=server_round
+            contributions, reference=reference, gradient=gradient, server_round=server_round
         )
         if not self.server.completes_on_evaluate:
             return result

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedpriv.report.format import fmt, fmt_small
-from fedpriv.report.plots import image_grid, roc_plot
+from fedpriv.report.plots import roc_plot
 
 __all__ = ["audit_sections", "federated_section", "verdict_phrase"]
 
@@ -160,34 +160,34 @@ def _figures_table(entry: Mapping[str, Any]) -> str:
 
 
 def _inversion(entry: Mapping[str, Any]) -> str:
+    from fedpriv.privacy.audit.inversion import figure
+    from fedpriv.report.plots import png
+
     parts = [_had(entry), _figures_table(entry)]
-    images = entry.get("images") or {}
-    if isinstance(images, Mapping) and images.get("original"):
-        grid = image_grid(
-            [
-                ("original", images.get("original", [])),
-                ("reconstructed", images.get("reconstruction", [])),
-                ("baseline", images.get("baseline", [])),
-            ]
+    picture = figure(entry)
+    if picture is not None:
+        parts.append(
+            f"<img alt='attacked records, their reconstructions and the baselines' "
+            f"src='{png(picture)}'>"
         )
-        if grid:
-            parts.append(f"<img alt='original records, reconstructions and baseline' src='{grid}'>")
-    per_record = entry.get("per_record") or []
+    per_record = entry.get("records_attacked") or []
     if per_record:
-        keys = [k for k in ("psnr", "ssim", "mse") if k in per_record[0]]
+        keys = [k for k in ("psnr", "ssim", "mse", "mae") if k in per_record[0]]
         header = "".join(f"<th>{k.upper()}</th><th>baseline {k.upper()}</th>" for k in keys)
         body = "".join(
-            "<tr><td>"
-            + html.escape(str(r.get("record", i)))
-            + "</td>"
+            f"<tr><td>{html.escape(str(r.get('hospital', '')))}</td>"
+            f"<td>{html.escape(str(r.get('label', '')))}</td>"
             + "".join(
                 f"<td>{fmt(r.get(k))}</td><td>{fmt((r.get('baseline') or {}).get(k))}</td>"
                 for k in keys
             )
-            + "</tr>"
-            for i, r in enumerate(per_record[:32])
+            + f"<td>{fmt(bool(r.get('leaked')))}</td></tr>"
+            for r in per_record[:32]
         )
-        parts.append(f"<table><tr><th>record</th>{header}</tr>{body}</table>")
+        parts.append(
+            f"<table><tr><th>hospital</th><th>label</th>{header}<th>beats the baseline</th>"
+            f"</tr>{body}</table>"
+        )
     parts.append(_reading(entry))
     return "".join(parts)
 

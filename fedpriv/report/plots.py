@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy_plot", "epsilon_plot", "image_grid", "roc_plot"]
+__all__ = ["accuracy_plot", "epsilon_plot", "png", "roc_plot"]
 
 #: at most this many legend entries; more hospitals are drawn as a band
 _LEGEND_MAX = 5
 
 
-def _png(figure: Any) -> str:
+def png(figure: Any) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -65,7 +65,7 @@ def accuracy_plot(rows: Sequence[Mapping[str, Any]]) -> str | None:
     _whole_rounds(ax)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def _groups(series: Mapping[str, list[tuple[int, float]]]) -> list[tuple[list[str], list]]:
@@ -128,7 +128,7 @@ def epsilon_plot(rows: Sequence[Mapping[str, Any]], *, cap: float | None = None)
     _whole_rounds(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def roc_plot(attacks: Mapping[str, Mapping[str, Any]], *, non_members: int) -> str | None:
@@ -159,40 +159,4 @@ def roc_plot(attacks: Mapping[str, Mapping[str, Any]], *, non_members: int) -> s
     ax.set_ylabel("true-positive rate")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def image_grid(
-    rows: Sequence[tuple[str, Sequence[Any]]], *, titles: Sequence[str] = ()
-) -> str | None:
-    """One row per kind (original, reconstruction, baseline), one column per record."""
-    rows = [(label, [np.asarray(im, dtype=float) for im in images]) for label, images in rows]
-    rows = [(label, images) for label, images in rows if images]
-    if not rows:
-        return None
-    import matplotlib.pyplot as plt
-
-    columns = max(len(images) for _, images in rows)
-    fig, axes = plt.subplots(
-        len(rows), columns, figsize=(1.25 * columns + 1.2, 1.35 * len(rows)), squeeze=False
-    )
-    for r, (label, images) in enumerate(rows):
-        for c in range(columns):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(images):
-                image = images[c]
-                if image.ndim == 3 and image.shape[0] in (1, 3):
-                    image = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-                    if image.ndim == 3:
-                        low, high = float(image.min()), float(image.max())
-                        image = (image - low) / (high - low or 1.0)
-                ax.imshow(image, cmap="gray")
-            else:
-                ax.axis("off")
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if r == 0 and c < len(titles):
-                ax.set_title(titles[c], fontsize=7)
-    return _png(fig)
+    return png(fig)

@@ -1,5 +1,6 @@
 """Privacy audits of a finished run: membership, inversion, attribute inference, linkage."""
 
+from fedpriv.privacy.audit import inversion  # noqa: F401  (registers audit "inversion")
 from fedpriv.privacy.audit.attacks import (
     Attack,
     AttackInputs,
