@@ -186,7 +186,11 @@ def simulate(
     ] = None,
     audit: Annotated[
         bool | None,
-        typer.Option("--audit", help="audit the final model (membership inference) afterwards"),
+        typer.Option(
+            "--audit",
+            help="afterwards, run every attack the run allows (membership, inversion, "
+            "attribute); in deployment each hospital runs the federated LOSS audit",
+        ),
     ] = None,
     canaries: Annotated[
         int | None, typer.Option(help="plant M mislabelled canaries for a one-run audit")
