@@ -27,9 +27,11 @@ def test_feature_names_in_model_order() -> None:
     cancer = load_dataset("breast-cancer")
     bunch = load_breast_cancer()
     assert cancer.feature_names == tuple(bunch.feature_names)
-    # column i of the model's input is the named column, standardised
+    # column i of the model's input is the named column, scaled by the schema's public range
     raw = bunch.data[:, 7]
-    assert np.allclose(cancer.features[:, 7], (raw - raw.mean()) / raw.std(), atol=1e-5)
+    low, high = cancer.schema.features[7].minimum, cancer.schema.features[7].maximum
+    assert cancer.schema.feature_names[7] == "mean concave points"
+    assert np.allclose(cancer.features[:, 7], (raw - low) / (high - low), atol=1e-6)
     digits = load_dataset("digits")
     assert len(digits.feature_names) == 64 and digits.feature_names[9] == "pixel_1_1"
 
