@@ -203,6 +203,19 @@ def check_site(node_config: Mapping[str, Any], schema: Schema | None = None) -> 
         + f", {data.num_classes} classes, features {tuple(data.features.shape[1:])}"
     )
     found.append(f"normalisation: {data.normalisation}")
+    if schema is not None:
+        roles = {site.label_column, site.patient_column, "site"}
+        ignored = sorted(set(data.source.columns) - set(schema.feature_names) - roles)
+        found.append(
+            f"schema: matches ({schema.width} features, {schema.num_classes} label codes, "
+            f"digest {schema.digest[:12]})"
+            + (f"; columns not in it are ignored: {', '.join(ignored)}" if ignored else "")
+        )
+        if schema.derived_from:
+            found.append(
+                f"note: the schema is a draft derived from '{schema.derived_from}': agree on "
+                "public ranges before the federation uses it"
+            )
     if site.ledger_path is None:
         if site.require_dp:
             raise ConfigError(

@@ -364,15 +364,16 @@ def draft_schema(
     max_categories: int = 10,
 ) -> Schema:
     """A first schema from one file, for the federation to review: integer columns with at
-    most ``max_categories`` values become categorical, others numeric over the file's range
-    rounded outward. Marked as derived from that file."""
+    most ``max_categories`` values, each held by two records on average, become categorical;
+    others numeric over the file's range rounded outward. Marked as derived from that file."""
     features = []
     for name, raw in columns.items():
         values = np.asarray(raw, dtype=np.float64)
         distinct = np.unique(values[np.isfinite(values)])
         if distinct.size == 0:
             raise ConfigError(f"column '{name}' holds no number to draft a range from")
-        if distinct.size <= max_categories and np.all(distinct == np.round(distinct)):
+        few = distinct.size <= max_categories and 2 * distinct.size <= values.size
+        if few and np.all(distinct == np.round(distinct)):
             features.append(
                 Feature(name=name, kind=CATEGORICAL, categories=tuple(float(c) for c in distinct))
             )
