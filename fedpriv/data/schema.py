@@ -267,18 +267,18 @@ class Schema:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, where: str = "schema") -> Schema:
-        unknown = sorted(set(data) - {"name", "derived-from", "feature", "label"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown key '{unknown[0]}'")
         try:
-            features = tuple(_feature(f, where) for f in data.get("feature", []))
-            labels = tuple(
-                Label(code=canonical_code(str(lab["code"])), name=str(lab.get("name", "")))
-                for lab in data.get("label", [])
-            )
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"{where}: a [[feature]] or [[label]] lacks {exc}") from None
-        try:
+            unknown = sorted(set(data) - {"name", "derived-from", "feature", "label"})
+            if unknown:
+                raise ConfigError(f"unknown key '{unknown[0]}'")
+            try:
+                features = tuple(_feature(f) for f in data.get("feature", []))
+                labels = tuple(
+                    Label(code=canonical_code(str(lab["code"])), name=str(lab.get("name", "")))
+                    for lab in data.get("label", [])
+                )
+            except (KeyError, TypeError) as exc:
+                raise ConfigError(f"a [[feature]] or [[label]] lacks {exc}") from None
             return cls(
                 features=features,
                 labels=labels,
@@ -289,25 +289,21 @@ class Schema:
             raise ConfigError(f"{where}: {exc}") from None
 
 
-def _feature(table: Mapping[str, Any], where: str) -> Feature:
+def _feature(table: Mapping[str, Any]) -> Feature:
     kind = str(table.get("kind", NUMERIC))
     name = str(table["name"])
     unknown = sorted(set(table) - {"name", "kind", "min", "max", "categories"})
     if unknown:
-        raise ConfigError(f"{where}: feature '{name}' has an unknown key '{unknown[0]}'")
+        raise ConfigError(f"feature '{name}' has an unknown key '{unknown[0]}'")
     try:
-        if kind == NUMERIC:
-            return Feature(
-                name=name, kind=kind, minimum=float(table["min"]), maximum=float(table["max"])
-            )
-        if kind == CATEGORICAL:
-            return Feature(
-                name=name, kind=kind, categories=tuple(float(c) for c in table["categories"])
-            )
+        bounds = (float(table["min"]), float(table["max"])) if kind == NUMERIC else (0.0, 1.0)
+        categories = tuple(float(c) for c in table["categories"]) if kind == CATEGORICAL else ()
     except ValueError:
-        raise ConfigError(
-            f"{where}: feature '{name}': min, max and categories are numbers"
-        ) from None
+        raise ConfigError(f"feature '{name}': min, max and categories are numbers") from None
+    if kind in (NUMERIC, CATEGORICAL):
+        return Feature(
+            name=name, kind=kind, minimum=bounds[0], maximum=bounds[1], categories=categories
+        )
     return Feature(name=name, kind=kind)  # refused with its reason
 
 
