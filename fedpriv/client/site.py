@@ -203,6 +203,11 @@ def check_site(node_config: Mapping[str, Any], schema: Schema | None = None) -> 
         + f", {data.num_classes} classes, features {tuple(data.features.shape[1:])}"
     )
     found.append(f"normalisation: {data.normalisation}")
+    if schema is None and data.kind == "tabular":
+        found.append(
+            "note: no schema-path: this file's features mean something different from another "
+            "site's; a run with a schema will refuse this site (fedpriv schema init drafts one)"
+        )
     if schema is not None:
         roles = {site.label_column, site.patient_column, "site"}
         ignored = sorted(set(data.source.columns) - set(schema.feature_names) - roles)
