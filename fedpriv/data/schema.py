@@ -5,7 +5,9 @@ means the same at every hospital and no statistic of anyone's records enters the
 inputs. A site's file is checked against the schema before it trains; a mismatch is refused
 with one line naming the column.
 
-Normalisation: a numeric feature maps its range ``[min, max]`` linearly onto ``[0, 1]``; a
+Normalisation: a numeric feature maps its range ``[min, max]`` linearly onto ``[0, 1]``, or,
+when the schema gives a public reference ``centre`` and ``scale`` (e.g. population norms, or
+the published statistics of a public dataset), becomes ``(x - centre) / scale``; a
 categorical feature maps the i-th of its k listed categories onto ``i / (k - 1)`` (one column
 per feature, so the model's input width is the number of features and a feature's name points
 at one input column). Columns a file holds beyond the schema's are ignored: they never reach
@@ -71,10 +73,20 @@ class Feature:
     minimum: float = 0.0
     maximum: float = 1.0
     categories: tuple[float, ...] = ()
+    #: optional public reference centre and scale (numeric only): inputs are then
+    #: ``(x - centre) / scale`` instead of the range mapped onto [0, 1]
+    centre: float | None = None
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("a schema feature needs a name")
+        if (self.centre is None) != (self.scale is None):
+            raise ConfigError(
+                f"schema feature '{self.name}': give both centre and scale, or neither"
+            )
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError(f"schema feature '{self.name}': scale must be a number > 0")
         if self.kind == NUMERIC:
             if not (math.isfinite(self.minimum) and math.isfinite(self.maximum)):
                 raise ConfigError(f"schema feature '{self.name}': min and max must be finite")
@@ -112,8 +124,10 @@ class Feature:
         more = ", ..." if rows.size > _SHOWN else ""
         return f"column '{self.name}': {rows.size} value(s) {what}: {shown}{more}"
 
-    def scale(self, values: np.ndarray) -> np.ndarray:
-        """The public, per-record transformation onto [0, 1]."""
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        """The public, per-record transformation (nothing here depends on other records)."""
+        if self.kind == NUMERIC and self.centre is not None and self.scale is not None:
+            return (values - self.centre) / self.scale
         if self.kind == NUMERIC:
             return (values - self.minimum) / (self.maximum - self.minimum)
         codes = np.asarray(self.categories, dtype=np.float64)
@@ -125,6 +139,8 @@ class Feature:
         lines = ["[[feature]]", f"name = {_quote(self.name)}", f'kind = "{self.kind}"']
         if self.kind == NUMERIC:
             lines += [f"min = {_number(self.minimum)}", f"max = {_number(self.maximum)}"]
+            if self.centre is not None and self.scale is not None:
+                lines += [f"centre = {_number(self.centre)}", f"scale = {_number(self.scale)}"]
         else:
             lines.append(f"categories = [{', '.join(_number(c) for c in self.categories)}]")
         return "\n".join(lines)
@@ -187,7 +203,7 @@ class Schema:
         with the same digest read every feature and label the same way."""
         meaning = {
             "features": [
-                [f.name, f.kind, f.minimum, f.maximum, list(f.categories)]
+                [f.name, f.kind, f.minimum, f.maximum, f.centre, f.scale]
                 if f.kind == NUMERIC
                 else [f.name, f.kind, list(f.categories)]
                 for f in self.features
@@ -225,14 +241,14 @@ class Schema:
         return found
 
     def normalise(self, raw: np.ndarray) -> np.ndarray:
-        """Raw ``(n, width)`` values in schema order -> float32 model inputs in [0, 1]; uses
+        """Raw ``(n, width)`` values in schema order -> float32 model inputs; uses
         nothing but the schema, so a record normalises the same at every site."""
         matrix = np.asarray(raw, dtype=np.float64)
         if matrix.ndim != 2 or matrix.shape[1] != self.width:
             raise ValueError(f"expected (n, {self.width}) raw values, got {matrix.shape}")
         out = np.empty(matrix.shape, dtype=np.float64)
         for j, feature in enumerate(self.features):
-            out[:, j] = feature.scale(matrix[:, j])
+            out[:, j] = feature.transform(matrix[:, j])
         return out.astype(np.float32)
 
     def label_index(self, codes: Sequence[str]) -> np.ndarray:
@@ -292,17 +308,25 @@ class Schema:
 def _feature(table: Mapping[str, Any]) -> Feature:
     kind = str(table.get("kind", NUMERIC))
     name = str(table["name"])
-    unknown = sorted(set(table) - {"name", "kind", "min", "max", "categories"})
+    unknown = sorted(set(table) - {"name", "kind", "min", "max", "categories", "centre", "scale"})
     if unknown:
         raise ConfigError(f"feature '{name}' has an unknown key '{unknown[0]}'")
     try:
         bounds = (float(table["min"]), float(table["max"])) if kind == NUMERIC else (0.0, 1.0)
         categories = tuple(float(c) for c in table["categories"]) if kind == CATEGORICAL else ()
+        centre = float(table["centre"]) if "centre" in table else None
+        scale = float(table["scale"]) if "scale" in table else None
     except ValueError:
         raise ConfigError(f"feature '{name}': min, max and categories are numbers") from None
     if kind in (NUMERIC, CATEGORICAL):
         return Feature(
-            name=name, kind=kind, minimum=bounds[0], maximum=bounds[1], categories=categories
+            name=name,
+            kind=kind,
+            minimum=bounds[0],
+            maximum=bounds[1],
+            categories=categories,
+            centre=centre,
+            scale=scale,
         )
     return Feature(name=name, kind=kind)  # refused with its reason
 

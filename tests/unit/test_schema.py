@@ -238,7 +238,35 @@ def test_embedded_datasets_use_their_public_schemas() -> None:
     assert cancer.width == 30 and [lab.name for lab in cancer.labels] == ["malignant", "benign"]
     assert digits.width == 64 and all(f.minimum == 0 and f.maximum == 16 for f in digits.features)
     data = load_dataset("breast-cancer")
-    assert data.schema == cancer and data.features.min() >= 0.0 and data.features.max() <= 1.0
+    assert data.schema == cancer and np.abs(data.features.mean(axis=0)).max() < 0.01
+    assert load_dataset("digits").features.max() == 1.0  # pixels 0..16 onto [0, 1], as before
+
+
+def test_a_public_centre_and_scale_replace_the_range_mapping(tmp_path: Path) -> None:
+    text = SCHEMA.replace("max = 100\n", "max = 100\ncentre = 50\nscale = 10\n", 1)
+    path = tmp_path / "centred.toml"
+    path.write_text(text)
+    schema = load_schema(path)
+    assert (
+        schema.features[0].centre == 50
+        and schema.digest != load_schema_text(SCHEMA, tmp_path).digest
+    )
+    data = _csv(tmp_path / "site.csv", ["a,70,1,150,0", "b,40,2,250,1"])
+    loaded = load_dataset(str(data), patient_column="patient", schema=schema)
+    assert np.allclose(loaded.features[:, 0], [2.0, -1.0]) and np.allclose(
+        loaded.features[:, 2], [0.5, 1.0]
+    )
+    schema.save(tmp_path / "again.toml")
+    assert load_schema(tmp_path / "again.toml") == schema
+    path.write_text(SCHEMA.replace("max = 100\n", "max = 100\ncentre = 50\n", 1))
+    with pytest.raises(ConfigError, match="both centre and scale"):
+        load_schema(path)
+
+
+def load_schema_text(text: str, where: Path) -> Schema:
+    path = where / "plain.toml"
+    path.write_text(text)
+    return load_schema(path)
 
 
 def test_the_run_refuses_a_dataset_whose_schema_is_not_the_runs(
