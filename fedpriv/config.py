@@ -31,6 +31,7 @@ ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
 DP_LEVELS = ("sample", "client", "both")
 AGGREGATIONS = ("plain", "ckks", "secagg")
+NORMALISATIONS = ("auto", "schema", "file")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +48,15 @@ class RunConfig:
     partition: str = "iid"
     alpha: float = 0.5
     classes_per_hospital: int = 2
+    #: the federation's schema.toml (features, public ranges, label codes); empty: an
+    #: embedded dataset's own, or none for a user file
+    schema: str = ""
+    #: auto (by the schema if there is one, else per file, warned), schema (required) or
+    #: file (per-file standardisation: a feature means something different at each site)
+    normalisation: str = "auto"
+    #: the digest of the run's schema (set by the server from `schema`): a hospital whose
+    #: schema differs refuses to take part
+    schema_digest: str = ""
     held_out_fraction: float = 0.2
     test_fraction: float = 0.2
     # federation
@@ -128,6 +138,15 @@ class RunConfig:
             f"alpha must be > 0 (got {self.alpha}); smaller means more skewed hospitals, e.g. 0.5",
         )
         _check(self.classes_per_hospital >= 1, "classes-per-hospital must be at least 1")
+        _check(
+            self.normalisation in NORMALISATIONS,
+            f"unknown normalisation '{self.normalisation}': use one of {', '.join(NORMALISATIONS)}",
+        )
+        _check(
+            not (self.schema and self.normalisation == "file"),
+            "a schema and normalisation = file contradict: the schema normalises by its public "
+            "ranges; drop one",
+        )
         _check(
             0 < self.held_out_fraction < 1,
             f"held-out-fraction must be strictly between 0 and 1 (got {self.held_out_fraction})",
