@@ -39,9 +39,7 @@ def fast_run(config: RunConfig) -> float:
     ``config.rounds`` rounds, every hospital training every round."""
     dataset, split = split_for(config)
     name, args = resolve_model(config, dataset)
-    weights = {
-        k: torch.from_numpy(v) for k, v in initial_state(name, config.seed, **args).items()
-    }
+    weights = {k: torch.from_numpy(v) for k, v in initial_state(name, config.seed, **args).items()}
     criterion = torch.nn.CrossEntropyLoss()
     momentum: dict[str, torch.Tensor] = {}
     second: dict[str, torch.Tensor] = {}
@@ -166,7 +164,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     fixed = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
-    axes = [(k, [_value(v) for v in vs.split(",")]) for k, vs in (g.split("=", 1) for g in args.grid)]
+    axes = [
+        (k, [_value(v) for v in vs.split(",")]) for k, vs in (g.split("=", 1) for g in args.grid)
+    ]
     settings: list[float | None] = [*args.epsilons] + ([None] if args.no_dp else [])
     results = []
     for dataset in args.datasets:

@@ -5,8 +5,8 @@
 ``tabular.csv``: a larger table than breast-cancer (12,000 rows, 20 features, 3 classes;
 scikit-learn's ``make_classification``). ``organs28.npz``: a MedMNIST-sized set in the
 MedMNIST layout (28x28 grey images, 4 classes, 3,000 / 500 / 1,000 train / val / test): a
-shape (disc, ring, horizontal or vertical bar) of random size, place and contrast on a noisy, blurred
-background, so it is neither trivial nor hopeless without DP. Both are deterministic and
+shape (disc, ring, horizontal or vertical bar) of random size, place and contrast on a noisy,
+blurred background, so it is neither trivial nor hopeless without DP. Both are deterministic and
 generated, so anything tuned on them spends nobody's privacy.
 """
 
@@ -62,7 +62,9 @@ def _blur(image: np.ndarray) -> np.ndarray:
     return sum(padded[i : i + 28, j : j + 28] for i in range(3) for j in range(3)) / 9.0
 
 
-def image_set(path: Path, *, sizes: tuple[int, int, int] = (3000, 500, 1000), seed: int = 0) -> Path:
+def image_set(
+    path: Path, *, sizes: tuple[int, int, int] = (3000, 500, 1000), seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for split, n in zip(("train", "val", "test"), sizes, strict=True):
