@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## demo: 5 simulated hospitals on an embedded dataset, live progress and a summary table
+## (DP at epsilon 4 per hospital), then every attack on a small budget, report.html
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
-	$(BIN)/fedpriv simulate --dataset breast-cancer --hospitals 5 --rounds 10 --out runs
+	$(BIN)/fedpriv simulate --dataset breast-cancer --hospitals 5 --rounds 10 --out runs --name $(DEMO_RUN)
+	$(BIN)/fedpriv audit runs/$(DEMO_RUN) --reference-models 2 --inversion-records 2 --inversion-steps 300
 
 # pytest's "no tests" (exit 5) fails
 PYTEST = $(BIN)/python -m pytest

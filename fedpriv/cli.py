@@ -65,6 +65,12 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(load_toml(config_file))
+    for key in ("rounds", "local-epochs", "batch-size", "lr"):
+        if flags.get(key) is not None and flags[key] <= 0:
+            # 0 means "the recipe's" in files; on the command line it is a typo
+            raise ConfigError(
+                f"--{key} must be > 0 (got {flags[key]}); leave it out for the recipe's"
+            )
     values.update({k: v for k, v in flags.items() if v is not None})
     return RunConfig.from_mapping(values)
 
@@ -95,11 +101,27 @@ def simulate(
         str | None, typer.Option(help="CSV column naming each record's site (natural)")
     ] = None,
     label_column: Annotated[str | None, typer.Option(help="CSV column with the label")] = None,
+    schema: Annotated[
+        str | None,
+        typer.Option(
+            help="the federation's schema.toml: features normalised by its public ranges "
+            "(default: an embedded dataset's own)"
+        ),
+    ] = None,
+    normalisation: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (the schema if any), schema (required) or file (per-file "
+            "standardisation: pools every hospital's records)"
+        ),
+    ] = None,
     patient_column: Annotated[
         str | None,
         typer.Option(help="CSV column naming each record's patient (the unit of privacy)"),
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="federated rounds [10 with DP-SGD, else 5]")
+    ] = None,
     strategy: Annotated[
         str | None,
         typer.Option(help="fedavg, fedsgd, or Flower's fedprox, fedadam, fedyogi, fedavgm"),
@@ -107,11 +129,19 @@ def simulate(
     server_lr: Annotated[
         float | None, typer.Option(help="server step size (FedSGD, FedAvgM)")
     ] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
-    lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="local epochs per round [4 with DP-SGD, else 1]")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="local batch size (expected, under DP-SGD) [128 with DP-SGD, else 32]"),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="local learning rate [1.0 with DP-SGD, else 0.1]")
+    ] = None,
     model: Annotated[
-        str | None, typer.Option(help="mlp or cnn (default: chosen by the dataset)")
+        str | None,
+        typer.Option(help="mlp or cnn (default: by the dataset; MLP under DP below 16x16)"),
     ] = None,
     model_width: Annotated[
         int | None, typer.Option(help="MLP hidden size / CNN channels (0: the model's default)")
@@ -227,6 +257,8 @@ def simulate(
         "classes-per-hospital": classes_per_hospital,
         "site-column": site_column,
         "label-column": label_column,
+        "schema": schema,
+        "normalisation": normalisation,
         "patient-column": patient_column,
         "rounds": rounds,
         "strategy": strategy,
@@ -817,6 +849,13 @@ app.add_typer(site_app, name="site")
 @site_app.command("check")
 def site_check(
     settings: Annotated[Path, typer.Argument(help="the site's settings, e.g. site.toml")],
+    schema: Annotated[
+        Path | None,
+        typer.Option(
+            help="the federation's schema.toml to check the site's file against "
+            "(default: the site's schema-path)"
+        ),
+    ] = None,
     quasi_identifiers: Annotated[
         str | None,
         typer.Option(
@@ -837,14 +876,38 @@ def site_check(
     and optionally how re-identifiable its records are. Everything runs on this machine."""
 
     def run() -> None:
-        from fedpriv.client.site import check_site, load_site_file, site_linkage
+        from fedpriv.client.site import (
+            SiteSettings,
+            check_site,
+            load_site_file,
+            site_linkage,
+            site_schema_problems,
+        )
+        from fedpriv.data.schema import load_schema
         from fedpriv.privacy.audit.linkage import parse_columns
 
         if sensitive_column is not None and quasi_identifiers is None:
             raise ConfigError("--sensitive-column needs --quasi-identifiers to group records by")
         qi = parse_columns(quasi_identifiers) if quasi_identifiers is not None else None
         node_config = load_site_file(settings)
-        found = check_site(node_config)
+        chosen = (
+            load_schema(schema)
+            if schema is not None
+            else SiteSettings.from_node_config(node_config).load_schema()
+        )
+        if chosen is not None:
+            problems = site_schema_problems(node_config, chosen)
+            if problems:  # every column at once: one line each, then a non-zero exit
+                if as_json:
+                    import json
+
+                    typer.echo(json.dumps({"settings": str(settings), "schema": problems}))
+                for line in problems:
+                    err_console.print(
+                        f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True
+                    )
+                raise typer.Exit(EXIT_BAD_INPUT)
+        found = check_site(node_config, chosen)
         linkage = (
             site_linkage(node_config, qi, sensitive_column, threshold=threshold)
             if qi is not None
@@ -896,6 +959,109 @@ def site_check(
             "      computed on this machine from the site's own file; nothing was sent",
             highlight=False,
         )
+
+    _guard(run)
+
+
+# ---- schema ----------------------------------------------------------------------------
+
+schema_app = typer.Typer(
+    help="The federation's schema: feature names, public ranges, label codes.",
+    no_args_is_help=True,
+)
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("init")
+def schema_init(
+    data: Annotated[Path, typer.Argument(help="a .csv file to draft the schema from")],
+    out: Annotated[Path, typer.Option(help="where to write the draft")] = Path("schema.toml"),
+    label_column: Annotated[str, typer.Option(help="the label column")] = "label",
+    patient_column: Annotated[str, typer.Option(help="the patient column (not a feature)")] = "",
+    site_column: Annotated[str, typer.Option(help="the site column (not a feature)")] = "site",
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+) -> None:
+    """Write a DRAFT schema from one file for the federation to agree on: its ranges are
+    that file's extremes (marked so in the file) until replaced by public ones."""
+
+    def run() -> None:
+        from fedpriv.data.datasets import load_raw
+        from fedpriv.data.schema import draft_schema
+        from fedpriv.errors import DataError
+
+        if data.suffix.lower() != ".csv":
+            raise DataError(f"'{data}': a schema is drafted from a .csv file's columns")
+        if out.exists() and not force:
+            raise ConfigError(f"'{out}' exists: pass --force to overwrite it")
+        from fedpriv.privacy.audit.linkage import read_csv_rows
+
+        rows = read_csv_rows(data)
+        roles = {label_column, patient_column, site_column}
+        numeric, text = [], []
+        for name in rows[0] if rows else {}:
+            if name in roles:
+                continue
+            try:
+                [float(row[name]) for row in rows]
+                numeric.append(name)
+            except ValueError:
+                text.append(name)
+        raw = load_raw(
+            str(data),
+            label_column=label_column,
+            site_column=site_column,
+            patient_column=patient_column,
+            feature_columns=tuple(numeric),
+        )
+        if not numeric:
+            raise DataError(f"'{data}' has no numeric feature column to draft a schema from")
+        assert raw.raw_features is not None
+        columns = {n: raw.raw_features[:, j] for j, n in enumerate(raw.feature_names)}
+        draft = draft_schema(columns, raw.record_label_codes(), derived_from=str(data))
+        draft.save(out)
+        console.print(
+            f"wrote {out}: {draft.width} features, {draft.num_classes} label codes, digest "
+            f"{draft.digest[:12]}"
+            + (f"; left out (not numbers): {', '.join(text)}" if text else ""),
+            highlight=False,
+        )
+        err_console.print(
+            f"[bold yellow]warning:[/] a DRAFT derived from '{data}': its ranges are that "
+            "file's own minima and maxima; replace them with public ranges the federation "
+            "agrees on before sharing it",
+            highlight=False,
+        )
+
+    _guard(run)
+
+
+@schema_app.command("show")
+def schema_show(path: Annotated[Path, typer.Argument(help="a schema.toml")]) -> None:
+    """Print a schema's features, label codes and digest (what sites compare)."""
+
+    def run() -> None:
+        from fedpriv.data.schema import NUMERIC, load_schema
+
+        loaded = load_schema(path)
+        table = Table(title=f"{path} (digest {loaded.digest})")
+        table.add_column("#", justify="right")
+        table.add_column("feature")
+        table.add_column("kind")
+        table.add_column("range / categories")
+        for i, f in enumerate(loaded.features):
+            values = (
+                f"[{f.minimum:g}, {f.maximum:g}]"
+                if f.kind == NUMERIC
+                else ", ".join(f"{c:g}" for c in f.categories)
+            )
+            table.add_row(str(i), f.name, f.kind, values)
+        console.print(table)
+        labels = ", ".join(
+            f"{lab.code}={lab.name}" if lab.name else lab.code for lab in loaded.labels
+        )
+        console.print(f"labels: {labels}", highlight=False)
+        if loaded.derived_from:
+            console.print(f"[yellow]draft derived from '{loaded.derived_from}'[/]", highlight=False)
 
     _guard(run)
 

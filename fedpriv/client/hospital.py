@@ -25,6 +25,7 @@ from fedpriv.client.site import DATA_PATH, SiteSettings
 from fedpriv.config import RunConfig
 from fedpriv.data import split_for
 from fedpriv.data.datasets import RecordSource, file_version
+from fedpriv.data.schema import Schema, check_schema_digest
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.models import build
 from fedpriv.privacy.dp import (
@@ -130,13 +131,17 @@ def _site_data(
     seed: int,
     held_out_fraction: float,
     version: tuple[int, int],
+    schema: Schema | None = None,
 ) -> HospitalData:
-    """``version``: the file's size and time, so a file changed on disk is read again."""
+    """``version``: the file's size and time, so a file changed on disk is read again.
+    ``schema``: the site's copy of the federation's (None: standardised per file)."""
     from fedpriv.data import load_dataset
     from fedpriv.errors import DataError
 
     try:
-        dataset = load_dataset(path, label_column=label_column, patient_column=patient_column)
+        dataset = load_dataset(
+            path, label_column=label_column, patient_column=patient_column, schema=schema
+        )
     except DataError as exc:
         raise ConfigError(f"node config: 'data-path': {exc}") from None
     if len(dataset) < 2:
@@ -192,6 +197,20 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
     of the shared dataset."""
     site = site_settings(node_config)
     if site is not None:
+        schema = site.load_schema()
+        # the run's schema digest: this site's features must mean what everyone's do
+        check_schema_digest(config.schema_digest, schema, who=f"site '{site.hospital_name}'")
+        if schema is None and config.normalisation == "schema":
+            raise ConfigError(
+                "node config: 'schema-path' is missing and the run normalises by schema: set it "
+                "to the federation's schema.toml"
+            )
+        if schema is None:
+            logger.warning(
+                "site '%s' has no schema-path: its features are standardised with its own "
+                "file's statistics, so they mean something different at each site",
+                site.hospital_name,
+            )
         return _site_data(
             str(site.data_path),
             site.label_column,
@@ -200,6 +219,7 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
             config.seed,
             config.held_out_fraction,
             file_version(str(site.data_path)),
+            schema,
         )
     if PARTITION_ID not in node_config:
         raise ConfigError(

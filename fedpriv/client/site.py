@@ -18,9 +18,17 @@ from fedpriv.config import DEVICES, read_toml
 from fedpriv.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from fedpriv.data.schema import Schema
     from fedpriv.privacy.audit.linkage import LinkageReport
 
-__all__ = ["SITE_KEYS", "SiteSettings", "check_site", "load_site_file", "site_linkage"]
+__all__ = [
+    "SITE_KEYS",
+    "SiteSettings",
+    "check_site",
+    "load_site_file",
+    "site_linkage",
+    "site_schema_problems",
+]
 
 DATA_PATH = "data-path"
 SITE_KEYS = (
@@ -28,6 +36,7 @@ SITE_KEYS = (
     DATA_PATH,
     "label-column",
     "patient-column",
+    "schema-path",
     "ledger-path",
     "budget-epsilon",
     "budget-delta",
@@ -51,6 +60,9 @@ class SiteSettings:
     device: str
     he_secret_context: Path | None
     require_dp: bool
+    #: the federation's schema.toml (this site's copy): features normalised by its public
+    #: ranges, the file checked against it; None: standardised with this file's own statistics
+    schema_path: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSettings:
@@ -87,6 +99,7 @@ class SiteSettings:
             require_raw = require_raw.lower() == "true"
         ledger = values.get("ledger-path")
         he = values.get("he-secret-context")
+        schema = values.get("schema-path")
         return cls(
             hospital_name=name,
             data_path=data_path,
@@ -98,7 +111,19 @@ class SiteSettings:
             device=device,
             he_secret_context=Path(str(he)).expanduser() if he else None,
             require_dp=bool(require_raw),
+            schema_path=Path(str(schema)).expanduser() if schema else None,
         )
+
+    def load_schema(self) -> Schema | None:
+        """The site's copy of the federation's schema; ConfigError naming the key."""
+        if self.schema_path is None:
+            return None
+        from fedpriv.data.schema import load_schema
+
+        try:
+            return load_schema(self.schema_path)
+        except ConfigError as exc:
+            raise ConfigError(f"node config: 'schema-path': {exc}") from None
 
 
 def _number(values: Mapping[str, Any], key: str, default: float) -> float:
@@ -122,23 +147,51 @@ def load_site_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def check_site(node_config: Mapping[str, Any]) -> list[str]:
-    """Everything a hospital's IT can check before starting its SuperNode; returns what was
-    found, or raises a ConfigError naming the key. Opening an existing ledger only reads it;
-    a missing one is created with the site's cap and delta (and its key beside it)."""
+def site_schema_problems(node_config: Mapping[str, Any], schema: Schema) -> list[str]:
+    """Every column of the site's file that does not match ``schema``, one line each
+    (empty: it matches); computed on this machine, nothing is sent."""
+    from fedpriv.data.datasets import load_raw, schema_problems
+
+    site = SiteSettings.from_node_config(node_config)
+    try:
+        raw = load_raw(
+            str(site.data_path),
+            label_column=site.label_column,
+            patient_column=site.patient_column,
+            feature_columns=schema.feature_names,
+        )
+    except DataError as exc:
+        raise ConfigError(f"node config: 'data-path': {exc}") from None
+    return schema_problems(raw, schema, label_column=site.label_column)
+
+
+def _load_site_data(site: SiteSettings, schema: Schema | None) -> Any:
     from fedpriv.data import load_dataset
-    from fedpriv.errors import DataError, FedprivError
+
+    try:
+        return load_dataset(
+            str(site.data_path),
+            label_column=site.label_column,
+            patient_column=site.patient_column,
+            schema=schema,
+        )
+    except DataError as exc:
+        raise ConfigError(f"node config: 'data-path': {exc}") from None
+
+
+def check_site(node_config: Mapping[str, Any], schema: Schema | None = None) -> list[str]:
+    """Everything a hospital's IT can check before starting its SuperNode; returns what was
+    found, or raises a ConfigError naming the key. ``schema`` overrides the site's
+    schema-path. Opening an existing ledger only reads it; a missing one is created with the
+    site's cap and delta (and its key beside it)."""
+    from fedpriv.errors import FedprivError
     from fedpriv.privacy.identity import identity_mode
     from fedpriv.privacy.ledger import Ledger, LedgerSettings
 
     site = SiteSettings.from_node_config(node_config)
+    schema = schema if schema is not None else site.load_schema()
     found = []
-    try:
-        data = load_dataset(
-            str(site.data_path), label_column=site.label_column, patient_column=site.patient_column
-        )
-    except DataError as exc:
-        raise ConfigError(f"node config: 'data-path': {exc}") from None
+    data = _load_site_data(site, schema)
     patients = (
         len({str(p).strip() for p in data.source.patient_ids})
         if data.source.patient_ids is not None
@@ -149,6 +202,25 @@ def check_site(node_config: Mapping[str, Any]) -> list[str]:
         + (f" of {patients} patients (patient-column '{site.patient_column}')" if patients else "")
         + f", {data.num_classes} classes, features {tuple(data.features.shape[1:])}"
     )
+    found.append(f"normalisation: {data.normalisation}")
+    if schema is None and data.kind == "tabular":
+        found.append(
+            "note: no schema-path: this file's features mean something different from another "
+            "site's; a run with a schema will refuse this site (fedpriv schema init drafts one)"
+        )
+    if schema is not None:
+        roles = {site.label_column, site.patient_column, "site"}
+        ignored = sorted(set(data.source.columns) - set(schema.feature_names) - roles)
+        found.append(
+            f"schema: matches ({schema.width} features, {schema.num_classes} label codes, "
+            f"digest {schema.digest[:12]})"
+            + (f"; columns not in it are ignored: {', '.join(ignored)}" if ignored else "")
+        )
+        if schema.derived_from:
+            found.append(
+                f"note: the schema is a draft derived from '{schema.derived_from}': agree on "
+                "public ranges before the federation uses it"
+            )
     if site.ledger_path is None:
         if site.require_dp:
             raise ConfigError(

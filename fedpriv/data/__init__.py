@@ -1,4 +1,4 @@
-"""Datasets, partitioners and per-hospital splits."""
+"""Datasets, the federation's schema, partitioners and per-hospital splits."""
 
 from fedpriv.data.datasets import Dataset, available_datasets, load_dataset, register_dataset
 from fedpriv.data.partition import (
@@ -7,17 +7,22 @@ from fedpriv.data.partition import (
     create_partitioner,
     register_partitioner,
 )
-from fedpriv.data.splits import FederatedSplit, HospitalSplit, make_split, split_for
+from fedpriv.data.schema import Schema, builtin_schema, load_schema
+from fedpriv.data.splits import FederatedSplit, HospitalSplit, dataset_for, make_split, split_for
 
 __all__ = [
     "Dataset",
     "FederatedSplit",
     "HospitalSplit",
     "Partitioner",
+    "Schema",
     "available_datasets",
     "available_partitioners",
+    "builtin_schema",
     "create_partitioner",
+    "dataset_for",
     "load_dataset",
+    "load_schema",
     "make_split",
     "register_dataset",
     "register_partitioner",

@@ -11,21 +11,30 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from fedpriv.errors import DataError
+from fedpriv.config import NORMALISATIONS
+from fedpriv.data.schema import Schema, builtin_schema
+from fedpriv.errors import ConfigError, DataError
 
 __all__ = [
+    "NORMALISATIONS",
     "Dataset",
     "RecordSource",
     "available_datasets",
+    "conform",
     "file_version",
     "load_dataset",
+    "load_raw",
     "register_dataset",
+    "schema_problems",
 ]
+
+logger = logging.getLogger(__name__)
 
 _MEDMNIST_SPLITS = ("train", "val", "test")
 
@@ -138,10 +147,31 @@ class Dataset:
     class_names: tuple[str, ...] = ()
     feature_names: tuple[str, ...] = ()
     source: RecordSource = dataclasses.field(default_factory=RecordSource)
+    #: the feature values as in the file (float64, ``(n, len(feature_names))``), before any
+    #: normalisation: what a schema is checked against; never leaves the site
+    raw_features: np.ndarray | None = None
+    #: each class index's label as the file writes it (empty: the index itself)
+    label_codes: tuple[str, ...] = ()
+    #: the schema that normalised ``features``; None: standardised per file, or fixed pixels
+    schema: Schema | None = None
 
     @property
     def kind(self) -> str:
         return "image" if self.features.ndim == 4 else "tabular"
+
+    @property
+    def normalisation(self) -> str:
+        """How ``features`` were scaled, in words (site check, notices)."""
+        if self.schema is not None:
+            return f"schema {self.schema.digest[:12]} (public ranges)"
+        if self.kind == "image":
+            return "fixed pixel range"
+        return "standardised with this file's own mean and standard deviation"
+
+    def record_label_codes(self) -> list[str]:
+        """Each record's label as the file writes it."""
+        codes = self.label_codes or tuple(str(i) for i in range(self.num_classes))
+        return [codes[i] for i in self.labels]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -173,14 +203,30 @@ def load_dataset(
     label_column: str = "label",
     site_column: str = "site",
     patient_column: str = "",
+    schema: Schema | None = None,
+    normalisation: str = "auto",
 ) -> Dataset:
     """Load a registered dataset by name, or a ``.npz`` / ``.csv`` file by path.
 
     ``patient_column`` (CSV only) names the column that identifies each record's patient;
-    it is never a feature. The result is cached per process (hospitals load the same file
-    every round).
+    it is never a feature. Features are normalised by ``schema`` (an embedded dataset's own
+    when None), record by record; see :data:`NORMALISATIONS`. A file that does not match
+    the schema is refused with a line naming the column. The result is cached per process
+    (hospitals load the same file every round).
     """
-    return _load_cached(str(spec), label_column, site_column, patient_column, file_version(spec))
+    if normalisation not in NORMALISATIONS:
+        raise ConfigError(
+            f"unknown normalisation '{normalisation}': use one of {', '.join(NORMALISATIONS)}"
+        )
+    return _load_cached(
+        str(spec),
+        label_column,
+        site_column,
+        patient_column,
+        file_version(spec),
+        schema,
+        normalisation,
+    )
 
 
 def file_version(spec: str) -> tuple[int, int]:
@@ -194,8 +240,96 @@ def file_version(spec: str) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(
-    spec: str, label_column: str, site_column: str, patient_column: str, version: tuple[int, int]
+    spec: str,
+    label_column: str,
+    site_column: str,
+    patient_column: str,
+    version: tuple[int, int],
+    schema: Schema | None,
+    normalisation: str,
 ) -> Dataset:
+    if normalisation == "file":
+        if schema is not None:
+            raise ConfigError("a schema and normalisation 'file' contradict: drop one")
+        dataset = load_raw(
+            spec, label_column=label_column, site_column=site_column, patient_column=patient_column
+        )
+        if dataset.kind == "tabular":
+            logger.warning("%s: features %s", spec, dataset.normalisation)
+        return dataset
+    chosen = schema if schema is not None else builtin_schema(spec) if spec in _REGISTRY else None
+    columns = chosen.feature_names if chosen is not None else None
+    dataset = load_raw(
+        spec,
+        label_column=label_column,
+        site_column=site_column,
+        patient_column=patient_column,
+        feature_columns=columns,
+    )
+    if chosen is None:
+        if dataset.kind == "image":
+            return dataset  # a fixed pixel range: public and per record already
+        if normalisation == "schema":
+            raise DataError(
+                f"'{spec}' has no schema and normalisation is 'schema': give the federation's "
+                "schema.toml (draft one with `fedpriv schema init`)"
+            )
+        logger.warning("%s: features %s (no schema)", spec, dataset.normalisation)
+        return dataset
+    return conform(dataset, chosen, label_column=label_column)
+
+
+def schema_problems(dataset: Dataset, schema: Schema, *, label_column: str = "label") -> list[str]:
+    """One line per column of ``dataset`` that does not match ``schema``."""
+    if dataset.raw_features is None:
+        return [
+            f"'{dataset.name}' is an image dataset without named columns: a schema describes "
+            "a table's columns (images keep their fixed pixel range)"
+        ]
+    columns = {n: dataset.raw_features[:, j] for j, n in enumerate(dataset.feature_names)}
+    return schema.problems(columns, dataset.record_label_codes(), label_column=label_column)
+
+
+def conform(dataset: Dataset, schema: Schema, *, label_column: str = "label") -> Dataset:
+    """``dataset`` normalised by the schema's public ranges and labelled by its codes; a
+    mismatch is a DataError naming the first column (``fedpriv site check`` lists all)."""
+    problems = schema_problems(dataset, schema, label_column=label_column)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more: run `fedpriv site check`)"
+            if len(problems) > 1
+            else ""
+        )
+        raise DataError(f"'{dataset.name}' does not match the schema: {problems[0]}{more}")
+    assert dataset.raw_features is not None  # schema_problems refused it otherwise
+    index = [dataset.feature_names.index(n) for n in schema.feature_names]
+    raw = dataset.raw_features[:, index]
+    features = schema.normalise(raw)
+    if dataset.kind == "image" and int(np.prod(dataset.features.shape[1:])) == schema.width:
+        features = features.reshape(dataset.features.shape)
+    return dataclasses.replace(
+        dataset,
+        features=features,
+        labels=schema.label_index(dataset.record_label_codes()),
+        num_classes=schema.num_classes,
+        class_names=schema.class_names,
+        feature_names=schema.feature_names,
+        raw_features=raw,
+        label_codes=tuple(lab.code for lab in schema.labels),
+        schema=schema,
+    )
+
+
+def load_raw(
+    spec: str,
+    *,
+    label_column: str = "label",
+    site_column: str = "site",
+    patient_column: str = "",
+    feature_columns: tuple[str, ...] | None = None,
+) -> Dataset:
+    """The dataset as in the file, not cached: ``raw_features`` and ``label_codes`` as
+    written (``features`` standardised per file); what a schema is checked against."""
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if patient_column and (spec in _REGISTRY or suffix != ".csv"):
@@ -215,6 +349,7 @@ def _load_cached(
             label_column=label_column,
             site_column=site_column,
             patient_column=patient_column,
+            feature_columns=feature_columns,
         )
     names = ", ".join(available_datasets())
     raise DataError(
@@ -244,6 +379,8 @@ def _breast_cancer() -> Dataset:
         class_names=tuple(str(c) for c in bunch.target_names),
         feature_names=tuple(names),
         source=RecordSource(columns=tuple(sorted(numeric)), numeric=numeric),
+        raw_features=raw,
+        label_codes=("0", "1"),
     )
 
 
@@ -264,11 +401,14 @@ def _digits() -> Dataset:
             f"pixel_{r}_{c}" for r in range(raw.shape[1]) for c in range(raw.shape[2])
         ),
         source=RecordSource(digests=_image_digests(raw)),
+        raw_features=raw.reshape(raw.shape[0], -1).astype(np.float64),
+        label_codes=tuple(str(c) for c in range(10)),
     )
 
 
 def _standardize(features: np.ndarray) -> np.ndarray:
-    # Dataset-level scaling: treated as public preprocessing (documented in the README).
+    # Per-file scaling (normalisation "file", or a file without a schema): a feature's value
+    # then means something different at each site; warned wherever it is used.
     mean = features.mean(axis=0)
     std = features.std(axis=0)
     std[std == 0] = 1.0
@@ -340,8 +480,15 @@ def _load_npz(path: Path) -> Dataset:
 
 
 def _load_csv(
-    path: Path, *, label_column: str, site_column: str, patient_column: str = ""
+    path: Path,
+    *,
+    label_column: str,
+    site_column: str,
+    patient_column: str = "",
+    feature_columns: tuple[str, ...] | None = None,
 ) -> Dataset:
+    """``feature_columns`` (a schema's): only those present are features, in that order;
+    any other column is kept (as number or text) only to identify the record."""
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
@@ -373,8 +520,13 @@ def _load_csv(
     label_idx = header.index(label_column)
     site_idx = header.index(site_column) if site_column and site_column in header else None
     patient_idx = header.index(patient_column) if patient_column else None
-    feature_idx = [i for i in range(len(header)) if i not in (label_idx, site_idx, patient_idx)]
-    if not feature_idx:
+    other_idx = [i for i in range(len(header)) if i not in (label_idx, site_idx, patient_idx)]
+    if feature_columns is None:
+        feature_idx = other_idx
+    else:
+        feature_idx = [header.index(n) for n in feature_columns if n in header]
+    extra_idx = [i for i in other_idx if i not in feature_idx]
+    if not feature_idx and feature_columns is None:  # a schema names what is missing
         raise DataError(f"'{path}' has no feature columns besides the label")
     raw_labels: list[str] = []
     raw_sites: list[str] = []
@@ -410,7 +562,8 @@ def _load_csv(
     # column of numbers by value (so "1.50" and "1.5" agree), any other as text
     numeric = {header[i]: matrix[:, c] for c, i in enumerate(feature_idx)}
     text: dict[str, np.ndarray] = {}
-    for name, values in ((label_column, raw_labels), (site_column, raw_sites)):
+    extras = [(header[i], [row[i].strip() for row in rows]) for i in extra_idx]
+    for name, values in ((label_column, raw_labels), (site_column, raw_sites), *extras):
         if name not in header or name in numeric:
             continue
         as_numbers = _as_numbers(values)
@@ -434,6 +587,8 @@ def _load_csv(
         class_names=tuple(classes),
         feature_names=tuple(header[i] for i in feature_idx),
         source=source,
+        raw_features=matrix,
+        label_codes=tuple(classes),
     )
 
 

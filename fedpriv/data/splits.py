@@ -17,12 +17,14 @@ import numpy as np
 from fedpriv.config import RunConfig
 from fedpriv.data.datasets import Dataset, load_dataset
 from fedpriv.data.partition import MIN_RECORDS_PER_HOSPITAL, create_partitioner, site_names
+from fedpriv.data.schema import check_schema_digest, load_schema
 from fedpriv.errors import DataError
 
 __all__ = [
     "Canary",
     "FederatedSplit",
     "HospitalSplit",
+    "dataset_for",
     "make_split",
     "split_for",
 ]
@@ -212,14 +214,24 @@ def _patients_of(dataset: Dataset, pool: np.ndarray) -> list[np.ndarray]:
     return [np.array(members, dtype=np.int64) for members in groups.values()]
 
 
-def split_for(config: RunConfig) -> tuple[Dataset, FederatedSplit]:
-    """The dataset and split a run configuration describes."""
+def dataset_for(config: RunConfig) -> Dataset:
+    """The run's dataset, normalised as the run says (by its schema: the same public
+    transformation every hospital applies, never a statistic over the hospitals' records)."""
     dataset = load_dataset(
         config.dataset,
         label_column=config.label_column,
         site_column=config.site_column,
         patient_column=config.patient_column,
+        schema=load_schema(config.schema) if config.schema else None,
+        normalisation=config.normalisation,
     )
+    check_schema_digest(config.schema_digest, dataset.schema, who=f"'{config.dataset}'")
+    return dataset
+
+
+def split_for(config: RunConfig) -> tuple[Dataset, FederatedSplit]:
+    """The dataset and split a run configuration describes."""
+    dataset = dataset_for(config)
     split = make_split(
         dataset,
         num_hospitals=config.hospitals,

@@ -65,6 +65,7 @@ def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, A
         num_classes=dataset.num_classes,
         name=config.model,
         width=config.model_width,
+        dp=config.sample_level_dp,
     )
 
 
@@ -217,8 +218,10 @@ def prepare_run(
     else:
         _check_run(config)
         dataset, split = split_for(config)
+        config = config.replace(schema_digest=dataset.schema.digest if dataset.schema else "")
         model_name, model_args = resolve_model(config, dataset)
         model_args, notices = _check_model(config, model_name, model_args)
+        notices += _normalisation_notices(dataset)
         notices += _check_dp(config, dataset, split)
         config, run_dir = _new_run_directory(config)
         run_dir.write_config(config, model_name=model_name, model_args=model_args)
@@ -240,6 +243,17 @@ def prepare_run(
         notices=tuple(notices),
         declared=declared,
     )
+
+
+def _normalisation_notices(dataset: Dataset) -> list[str]:
+    if dataset.schema is not None or dataset.kind == "image":
+        return []
+    return [
+        f"'{dataset.name}' has no schema: its features are standardised with statistics of the "
+        "whole file, which mixes every hospital's records into each hospital's inputs (and "
+        "real sites would each scale differently); give --schema (draft one with `fedpriv "
+        "schema init`)"
+    ]
 
 
 def _reopen(
@@ -273,6 +287,7 @@ def _new_run_directory(config: RunConfig) -> tuple[RunConfig, RunDirectory]:
         out=str(Path(config.out).resolve()),
         ledger_dir=str(Path(config.ledger_dir).resolve()) if config.ledger_dir else "",
         keys=str(Path(config.keys).resolve()) if config.keys else "",
+        schema=str(Path(config.schema).resolve()) if config.schema else "",
     )
     return config, run_dir
 
@@ -282,6 +297,9 @@ def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> 
     model is resolved from the hospitals' schemas once they connect."""
     _check_strategy(config)
     notices = _check_dp_settings(config)
+    if resume_dir is None:
+        config, more = _deployment_schema(config)
+        notices += more
     if resume_dir is not None:
         run_dir, config, model_name, model_args = _reopen(resume_dir, config)
         checkpoint = _restart(run_dir, config, model_name, model_args)
@@ -304,6 +322,32 @@ def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> 
         central=None,
         notices=tuple(notices),
     )
+
+
+def _deployment_schema(config: RunConfig) -> tuple[RunConfig, list[str]]:
+    """The run config carries the schema's digest to the sites: each refuses to train when
+    its own schema differs, so every site's features mean the same."""
+    from fedpriv.data import load_schema
+
+    if config.schema:
+        digest = load_schema(config.schema).digest
+        if config.schema_digest and config.schema_digest != digest:
+            raise ConfigError(
+                f"schema-digest {config.schema_digest[:12]} is not the digest of "
+                f"'{config.schema}' ({digest[:12]}): drop schema-digest, it is set from the file"
+            )
+        return config.replace(schema_digest=digest), []
+    if config.schema_digest:
+        return config, []
+    if config.normalisation == "schema":
+        raise ConfigError(
+            "normalisation = schema needs the federation's schema: set schema = path to its "
+            "schema.toml (each site sets schema-path to its copy)"
+        )
+    return config, [
+        "no schema: each site standardises its features with its own file's mean and standard "
+        "deviation, so a feature's value means something different at each site; set schema"
+    ]
 
 
 def _check_dp_settings(config: RunConfig) -> list[str]:
@@ -365,6 +409,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         num_classes=classes,
         name=plan.config.model,
         width=plan.config.model_width,
+        dp=plan.config.sample_level_dp,
     )
     build(model_name, **model_args)
     plan.run_dir.write_config(plan.config, model_name=model_name, model_args=model_args)

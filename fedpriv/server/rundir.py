@@ -102,6 +102,8 @@ class RunDirectory:
         except (KeyError, TypeError, ValueError):
             raise RunDirectoryError(f"{self.file(CONFIG)} has no model / model-args") from None
         values = {k: v for k, v in data.items() if k not in _META_KEYS}
+        # a run recorded before schemas existed standardised per file: resumed, it still must
+        values.setdefault("normalisation", "file")
         try:
             config = RunConfig.from_mapping(values)
         except ConfigError as exc:

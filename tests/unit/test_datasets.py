@@ -27,9 +27,12 @@ def test_feature_names_in_model_order() -> None:
     cancer = load_dataset("breast-cancer")
     bunch = load_breast_cancer()
     assert cancer.feature_names == tuple(bunch.feature_names)
-    # column i of the model's input is the named column, standardised
+    # column i of the model's input is the named column, scaled by the schema's public
+    # reference centre and scale (the public dataset's published mean and deviation)
     raw = bunch.data[:, 7]
-    assert np.allclose(cancer.features[:, 7], (raw - raw.mean()) / raw.std(), atol=1e-5)
+    feature = cancer.schema.features[7]
+    assert feature.name == "mean concave points" and feature.scale
+    assert np.allclose(cancer.features[:, 7], (raw - feature.centre) / feature.scale, atol=1e-6)
     digits = load_dataset("digits")
     assert len(digits.feature_names) == 64 and digits.feature_names[9] == "pixel_1_1"
 

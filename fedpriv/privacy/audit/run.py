@@ -130,7 +130,8 @@ def load_run(
     ``model.pt``; the records and who trained on them when the run is a simulation."""
     import torch
 
-    from fedpriv.data import load_dataset
+    from fedpriv.data import load_dataset, load_schema
+    from fedpriv.data.schema import check_schema_digest
     from fedpriv.models import build
 
     run = Path(run_dir)
@@ -171,10 +172,18 @@ def load_run(
     if not deployment and partitions_file.is_file():
         partitions = _read_json(partitions_file)
         try:
+            schema_file = str(config.get("schema", "") or "")
             dataset = load_dataset(
                 str(config["dataset"]),
                 label_column=str(config.get("label-column", "label")),
                 site_column=str(config.get("site-column", "site")),
+                # normalised as the run's hospitals did (the recorded schema)
+                schema=load_schema(schema_file) if schema_file else None,
+                # a run recorded before schemas existed standardised per file
+                normalisation=str(config.get("normalisation", "file")),
+            )
+            check_schema_digest(
+                str(config.get("schema-digest", "") or ""), dataset.schema, who="the audit"
             )
         except FedprivError as exc:
             raise AuditError(f"the run's dataset cannot be loaded: {exc}") from None
