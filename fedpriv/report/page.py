@@ -8,7 +8,6 @@ Every file is checked as it is read: a damaged one stops the report with one lin
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from fedpriv.report.audits import (
 )
 from fedpriv.report.format import fmt, fmt_small
 from fedpriv.report.plots import accuracy_plot, epsilon_plot
+from fedpriv.runfiles import read_metrics, read_run_json
 
 __all__ = ["REPORT_FILE", "build_report"]
 
@@ -80,47 +80,6 @@ _SETTINGS = (
     "secagg-threshold",
     "seed",
 )
-
-
-def _json(path: Path, *, required: bool = False) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if required:
-            raise RunDirectoryError(
-                f"'{path.parent}' is not a fedpriv run directory (no {path.name})"
-            ) from None
-        return None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RunDirectoryError(
-            f"'{path}' is damaged (not valid JSON); was the run interrupted while writing it?"
-        ) from None
-    except OSError as exc:
-        raise RunDirectoryError(f"'{path}' cannot be read: {exc.strerror or exc}") from None
-    if not isinstance(data, dict):
-        raise RunDirectoryError(f"'{path}' does not hold a JSON object: the file is damaged")
-    return data
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunDirectoryError(f"'{path}' cannot be read: {exc}") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise RunDirectoryError(f"'{path}' line {number} is damaged (not valid JSON)") from None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            raise RunDirectoryError(f"'{path}' line {number} is not a round's record")
-        rows.append(row)
-    return rows
 
 
 def _protocol(config: Mapping[str, Any]) -> str:
@@ -394,8 +353,7 @@ def _rejections(value: Any) -> str:
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` into the run directory; returns its path."""
     run = Path(run_dir)
-    config = _json(run / "config.json", required=True)
-    assert config is not None
+    config = read_run_json(run / "config.json")
     if "model" not in config:
         raise RunDirectoryError(
             f"'{run / 'config.json'}' has no 'model': the file is damaged or not fedpriv's"
@@ -403,11 +361,14 @@ def build_report(run_dir: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    rows = _metrics(run / "metrics.jsonl")
-    privacy = _json(run / "privacy.json") or {}
-    audit = _json(run / "audit.json")
-    federated = (audit or {}).get("federated") or _json(run / "federated_audit.json")
-    he = _json(run / "he.json")
+    rows = read_metrics(run / "metrics.jsonl")
+    privacy = read_run_json(run / "privacy.json", required=False)
+    audit = read_run_json(run / "audit.json", required=False)
+    federated = audit.get("federated") or read_run_json(
+        run / "federated_audit.json", required=False
+    )
+    he = read_run_json(run / "he.json", required=False)
+    linkage = read_run_json(run / "linkage.json", required=False)
     final = rows[-1] if rows else {}
     kind = "deployment" if config.get("deployment") else "simulation"
     sections = [
@@ -417,7 +378,7 @@ def build_report(run_dir: str | Path) -> Path:
             (
                 _guarantee(config, privacy),
                 _who_saw_what(config, he),
-                _verdicts(audit, federated, _json(run / "linkage.json")),
+                _verdicts(audit, federated, linkage),
             )
         )
         + "</p>",
@@ -446,7 +407,6 @@ def build_report(run_dir: str | Path) -> Path:
         sections.append(federated_section(federated))
         if not audit:
             sections.append("</section>")
-    linkage = _json(run / "linkage.json")
     if linkage:
         sections.append(linkage_section(linkage))
     if not audit and not federated:

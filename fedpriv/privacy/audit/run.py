@@ -33,6 +33,7 @@ from fedpriv.privacy.audit.base import (
     create_audit,
 )
 from fedpriv.privacy.audit.membership import AuditFailure, membership_audit
+from fedpriv.runfiles import read_metrics, read_run_json
 
 __all__ = [
     "DEFAULT_ATTACKS",
@@ -57,29 +58,6 @@ def all_attacks() -> tuple[str, ...]:
     return available_attacks() + tuple(
         a for a in available_audits() if a not in available_attacks()
     )
-
-
-def _read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if not required:
-            return {}
-        raise AuditError(
-            f"'{path}' is missing: is this a finished fedpriv run directory?"
-        ) from None
-    except UnicodeDecodeError:
-        raise AuditError(f"'{path}' is not text: the file is damaged") from None
-    except json.JSONDecodeError as exc:
-        raise AuditError(
-            f"'{path}' is damaged (not valid JSON at line {exc.lineno}, column {exc.colno}); "
-            "was the run interrupted while writing it?"
-        ) from None
-    except OSError as exc:
-        raise AuditError(f"'{path}' cannot be read: {exc.strerror or exc}") from None
-    if not isinstance(data, dict):
-        raise AuditError(f"'{path}' does not hold a JSON object: the file is damaged")
-    return data
 
 
 def _indices(value: Any, where: str, size: int) -> np.ndarray:
@@ -137,7 +115,7 @@ def load_run(
     run = Path(run_dir)
     if not run.is_dir():
         raise AuditError(f"run directory '{run}' does not exist")
-    config = _read_json(run / "config.json")
+    config = read_run_json(run / "config.json")
     for key in ("model", "model-args", "dataset"):
         if key not in config:
             raise AuditError(
@@ -145,8 +123,8 @@ def load_run(
             )
     if not isinstance(config["model-args"], dict):
         raise AuditError(f"'{run / 'config.json'}': model-args must be an object")
-    _check_metrics(run / "metrics.jsonl")
-    privacy = _read_json(run / "privacy.json", required=False)
+    read_metrics(run / "metrics.jsonl")
+    privacy = read_run_json(run / "privacy.json", required=False)
     if privacy and not isinstance(privacy.get("hospitals", {}), dict):
         raise AuditError(f"'{run / 'privacy.json'}': hospitals must be an object")
     opts: dict[str, Any] = dict(options or {})
@@ -170,7 +148,7 @@ def load_run(
     population = np.zeros(0, dtype=np.int64)
     partitions_file = run / "partitions.json"
     if not deployment and partitions_file.is_file():
-        partitions = _read_json(partitions_file)
+        partitions = read_run_json(partitions_file)
         try:
             schema_file = str(config.get("schema", "") or "")
             dataset = load_dataset(
@@ -214,25 +192,6 @@ def load_run(
         seed=seed,
         progress=progress,
     )
-
-
-def _check_metrics(path: Path) -> None:
-    """The report reads every round: a damaged line stops the audit before it spends time."""
-    if not path.is_file():
-        return
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuditError(f"'{path}' cannot be read: {exc}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise AuditError(f"'{path}' line {number} is damaged (not valid JSON)") from None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            raise AuditError(f"'{path}' line {number} is not a round's record")
 
 
 def _unmet(name: str, inputs: AuditInputs) -> str | None:
@@ -359,10 +318,10 @@ def audit_run(
     }
     federated_path = run / "federated_audit.json"
     if federated_path.is_file():
-        document["federated"] = _read_json(federated_path)
+        document["federated"] = read_run_json(federated_path)
     linkage_path = run / "linkage.json"
     if linkage_path.is_file():
-        document["linkage"] = _read_json(linkage_path)
+        document["linkage"] = read_run_json(linkage_path)
     document["seconds"] = {**timings, "total": time.perf_counter() - started}
     _write(run / AUDIT_FILE, document)
     return document
