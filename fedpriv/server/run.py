@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -324,13 +325,22 @@ def _setup_exchange(
 
 
 def build_server_app(
-    plan: RunPlan, *, on_round: RoundCallback | None = None, outcome: ServeOutcome | None = None
+    plan: RunPlan,
+    *,
+    on_round: RoundCallback | None = None,
+    outcome: ServeOutcome | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to one prepared run (the in-process simulation uses this)."""
+    """A ServerApp bound to one prepared run (the in-process simulation uses this); once
+    ``stop`` is set, its next call to the grid raises (see fedpriv.server.stopping)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if stop is not None:
+            from fedpriv.server.stopping import StoppableGrid
+
+            grid = StoppableGrid(grid, stop)
         serve(grid, plan, on_round=on_round, outcome=outcome)
 
     return app

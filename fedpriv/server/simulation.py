@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,15 @@ from fedpriv.server.run import (
     flower_logging,
     prepare_run,
 )
+from fedpriv.server.stopping import ray_did_not_start, run_engine
 
 __all__ = ["SimulationResult", "prepare_simulation", "run_plan", "simulate"]
 
 logger = logging.getLogger(__name__)
+
+#: Ray gives its node a fixed 30 s to start; a loaded machine can miss that, before anything
+#: ran, so the engine is started again (at most this many times in all)
+RAY_START_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +168,6 @@ def run_plan(
 
     config = plan.config
     outcome = ServeOutcome()
-    server_app = build_server_app(plan, on_round=on_round, outcome=outcome)
     with (
         flower_logging(plan.run_dir, quiet=quiet),
         warnings.catch_warnings(),
@@ -171,12 +176,29 @@ def run_plan(
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         logger.info("run directory: %s", plan.run_dir.path.resolve())
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=config.hospitals,
-            backend_config=_backend_config(config),
-        )
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            stop = threading.Event()
+            server_app = build_server_app(plan, on_round=on_round, outcome=outcome, stop=stop)
+            try:
+                # in a thread of its own, so an interruption stops it in order (stopping.py)
+                run_engine(
+                    lambda app=server_app: run_simulation(  # type: ignore[misc]
+                        server_app=app,
+                        client_app=client_app,
+                        num_supernodes=config.hospitals,
+                        backend_config=_backend_config(config),
+                    ),
+                    stop,
+                )
+                break
+            except Exception as exc:
+                if (
+                    attempt == RAY_START_ATTEMPTS
+                    or outcome.last_round
+                    or not ray_did_not_start(exc)
+                ):
+                    raise
+                logger.warning("Ray did not start in time (attempt %d); starting it again", attempt)
     return SimulationResult(
         run_dir=plan.run_dir.path,
         config=config,

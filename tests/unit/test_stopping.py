@@ -1,0 +1,69 @@
+"""StoppableGrid: once asked to stop, the server's next use of the grid raises."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from fedpriv.server.stopping import SimulationStopped, StoppableGrid, run_engine
+
+
+class _Metadata:
+    def __init__(self, reply_to: str) -> None:
+        self.reply_to_message_id = reply_to
+
+
+class _Reply:
+    def __init__(self, reply_to: str) -> None:
+        self.metadata = _Metadata(reply_to)
+
+
+class _SlowGrid:
+    """Answers message "a" at once and "b" only after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.pushed_at = 0.0
+
+    def push_messages(self, messages: Any) -> list[str]:
+        self.pushed_at = time.monotonic()
+        return list(messages)
+
+    def pull_messages(self, ids: Any) -> list[_Reply]:
+        ready = {"a"} | ({"b"} if time.monotonic() - self.pushed_at >= self.delay else set())
+        return [_Reply(i) for i in ids if i in ready]
+
+
+def test_send_and_receive_collects_every_reply_when_not_stopped() -> None:
+    grid = StoppableGrid(_SlowGrid(0.2), threading.Event())  # type: ignore[arg-type]
+    replies = grid.send_and_receive(["a", "b"], timeout=10)  # type: ignore[list-item]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+
+
+def test_send_and_receive_gives_up_at_its_timeout() -> None:
+    grid = StoppableGrid(_SlowGrid(60), threading.Event())  # type: ignore[arg-type]
+    started = time.monotonic()
+    replies = grid.send_and_receive(["a", "b"], timeout=0.3)  # type: ignore[list-item]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert time.monotonic() - started < 5
+
+
+def test_a_stop_ends_a_wait_for_replies_at_once() -> None:
+    stop = threading.Event()
+    grid = StoppableGrid(_SlowGrid(60), stop)  # type: ignore[arg-type]
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(SimulationStopped):
+        grid.send_and_receive(["a", "b"], timeout=3600)  # type: ignore[list-item]
+    assert time.monotonic() - started < 5
+
+
+def test_run_engine_passes_the_engines_own_error_on() -> None:
+    def broken() -> None:
+        raise ValueError("engine failed")
+
+    with pytest.raises(ValueError, match="engine failed"):
+        run_engine(broken, threading.Event())
