@@ -132,8 +132,9 @@ class RunConfig:
     keys: str = ""
     #: secure aggregation: hospitals needed to unmask a round's sum (0: a majority)
     secagg_threshold: int = 0
-    #: secure aggregation without client-level DP: the largest update norm a hospital may send
-    secagg_max_norm: float = 10.0
+    #: secure aggregation without client-level DP: the largest update norm a hospital may
+    #: send; 0: derived from the DP-SGD settings (fedpriv.protocols.secagg.max_norm)
+    secagg_max_norm: float = 0.0
     #: the most training examples any hospital may claim in a round
     max_examples: int = 1_000_000
     # audits
@@ -261,8 +262,9 @@ class RunConfig:
             f"secagg-threshold must be 0 (a majority) or at least 2 (got {self.secagg_threshold})",
         )
         _check(
-            math.isfinite(self.secagg_max_norm) and self.secagg_max_norm > 0,
-            "secagg-max-norm must be a finite number > 0",
+            math.isfinite(self.secagg_max_norm) and self.secagg_max_norm >= 0,
+            "secagg-max-norm must be a finite number > 0, or 0 to derive it from the DP-SGD "
+            "settings",
         )
         _check(self.max_examples >= 1, "max-examples must be at least 1")
         _check(self.gpus_per_hospital >= 0, "gpus-per-hospital must be >= 0")
