@@ -34,9 +34,10 @@ from fedpriv.training import evaluate, get_weights, make_loader, set_weights, tr
 CPU = torch.device("cpu")
 
 
-def fast_run(config: RunConfig) -> float:
+def fast_run(config: RunConfig, norms: list[dict[str, Any]] | None = None) -> float:
     """Central test accuracy of FedAvg (or FedAvgM / FedAdam as Flower does them) after
-    ``config.rounds`` rounds, every hospital training every round."""
+    ``config.rounds`` rounds, every hospital training every round; ``norms`` (if given)
+    receives each hospital's update norm, round by round."""
     dataset, split = split_for(config)
     name, args = resolve_model(config, dataset)
     weights = {k: torch.from_numpy(v) for k, v in initial_state(name, config.seed, **args).items()}
@@ -101,7 +102,21 @@ def fast_run(config: RunConfig) -> float:
                     epochs=config.local_epochs,
                     device=CPU,
                 )
-            updates.append((get_weights(model), int(y.size)))
+            trained = get_weights(model)
+            if norms is not None:
+                change = np.concatenate(
+                    [(trained[key] - weights[key].numpy()).ravel() for key in weights]
+                )
+                norms.append(
+                    {
+                        "round": round_,
+                        "hospital": k,
+                        "units": int(y.size),
+                        "norm": float(np.linalg.norm(change.astype(np.float64))),
+                        "parameters": int(change.size),
+                    }
+                )
+            updates.append((trained, int(y.size)))
         total = sum(n for _, n in updates)
         mean = {
             key: torch.from_numpy(sum(w[key].astype(np.float64) * n for w, n in updates) / total)

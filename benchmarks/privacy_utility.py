@@ -2,13 +2,16 @@
 
     python benchmarks/privacy_utility.py --datasets breast-cancer digits --epsilons 1 4 8
 
-5 hospitals (iid unless --partition), the default recipe of each dataset; the epsilon is each
-hospital's record-level target for the whole run (PRV accountant, delta 1e-5).
+5 hospitals (iid unless --partition), the defaults a new user gets (the DP recipe with DP on,
+the plain one without; ``--rounds 0``, the default, leaves rounds to the recipe too); the
+epsilon is each hospital's record-level target for the whole run (PRV accountant, delta
+1e-5). ``--seeds 0 1 2`` repeats each cell (one row per seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -24,7 +27,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["breast-cancer", "digits"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     parser.add_argument("--hospitals", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=0, help="0: the recipe's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--set", nargs="*", default=[], help="extra run-config key=value")
     parser.add_argument("--no-baseline", action="store_true")
@@ -39,12 +43,13 @@ def main() -> None:
     results = []
     for dataset in args.datasets:
         settings: list[float | None] = [*args.epsilons] + ([] if args.no_baseline else [None])
-        for epsilon in settings:
+        for epsilon, seed in itertools.product(settings, args.seeds):
             values: dict[str, Any] = {
                 "dataset": dataset,
                 "hospitals": args.hospitals,
                 "rounds": args.rounds,
                 "partition": args.partition,
+                "seed": seed,
                 "out": tempfile.mkdtemp(prefix="fedpriv-pu-"),
                 "budget-epsilon": max(10.0, epsilon or 0.0),
                 **extra,
@@ -58,6 +63,7 @@ def main() -> None:
             row = {
                 "dataset": dataset,
                 "epsilon": epsilon,
+                "seed": seed,
                 "accounted_epsilon": max(run.final["epsilon"].values()) if epsilon else None,
                 "test_accuracy": run.final["test_accuracy"],
                 "seconds": round(time.perf_counter() - t0, 1),

@@ -65,6 +65,12 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(load_toml(config_file))
+    for key in ("rounds", "local-epochs", "batch-size", "lr"):
+        if flags.get(key) is not None and flags[key] <= 0:
+            # 0 means "the recipe's" in files; on the command line it is a typo
+            raise ConfigError(
+                f"--{key} must be > 0 (got {flags[key]}); leave it out for the recipe's"
+            )
     values.update({k: v for k, v in flags.items() if v is not None})
     return RunConfig.from_mapping(values)
 
@@ -113,7 +119,9 @@ def simulate(
         str | None,
         typer.Option(help="CSV column naming each record's patient (the unit of privacy)"),
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="federated rounds [10 with DP-SGD, else 5]")
+    ] = None,
     strategy: Annotated[
         str | None,
         typer.Option(help="fedavg, fedsgd, or Flower's fedprox, fedadam, fedyogi, fedavgm"),
@@ -121,11 +129,19 @@ def simulate(
     server_lr: Annotated[
         float | None, typer.Option(help="server step size (FedSGD, FedAvgM)")
     ] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="local batch size")] = None,
-    lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="local epochs per round [4 with DP-SGD, else 1]")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="local batch size (expected, under DP-SGD) [128 with DP-SGD, else 32]"),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="local learning rate [1.0 with DP-SGD, else 0.1]")
+    ] = None,
     model: Annotated[
-        str | None, typer.Option(help="mlp or cnn (default: chosen by the dataset)")
+        str | None,
+        typer.Option(help="mlp or cnn (default: by the dataset; MLP under DP below 16x16)"),
     ] = None,
     model_width: Annotated[
         int | None, typer.Option(help="MLP hidden size / CNN channels (0: the model's default)")

@@ -188,7 +188,8 @@ def _schema_reply(message: Message, context: Context) -> Message:
     schema = ConfigRecord(
         {
             msg.SCHEMA_SHAPE: [int(d) for d in data.train_features.shape[1:]],
-            msg.SCHEMA_CLASSES: int(labels.max()) + 1,
+            # the federation's schema fixes the classes; a site may hold only some of them
+            msg.SCHEMA_CLASSES: data.num_classes or int(labels.max()) + 1,
             # what it will claim at most: the server refuses larger claims
             msg.SCHEMA_EXAMPLES: int(data.train_labels.size),
         }

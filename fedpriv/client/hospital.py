@@ -44,6 +44,7 @@ from fedpriv.privacy.ledger import (
     Reservation,
     simulated_ledger_path,
 )
+from fedpriv.privacy.update_norm import dp_sgd_update_bound
 from fedpriv.protocols.base import HospitalSide, Update, create_protocol
 from fedpriv.protocols.plain import PlainHospital
 from fedpriv.training import (
@@ -89,6 +90,9 @@ class HospitalData:
     source: str = ""
     #: the training records as they are in the file (what identifies their patients)
     train_records: RecordSource | None = None
+    #: the classes the model must have: the schema's label list when there is one (a site
+    #: may hold only some of its codes); 0: the highest label it holds, plus one
+    num_classes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +162,7 @@ def _site_data(
         held_out_labels=dataset.labels[held],
         source=Path(path).name,
         train_records=dataset.source.take(train),
+        num_classes=schema.num_classes if schema is not None else 0,
     )
 
 
@@ -331,13 +336,16 @@ def train_round(
     set_weights(model, current.weights)
     before = get_weights(model)
 
-    def reply(stats: TrainStats, examples: int, **extra: Any) -> RoundResult:
+    def reply(
+        stats: TrainStats, examples: int, norm_bound: float = 0.0, **extra: Any
+    ) -> RoundResult:
         update = Update(
             before=before,
             after=get_weights(model),
             num_examples=examples,
             gradient=gradient_mode,
             server_lr=config.server_lr,
+            norm_bound=norm_bound,
         )
         try:
             record, figures = side.encode(order, update, state)
@@ -462,9 +470,23 @@ def train_round(
         raise RuntimeError(
             f"{data.name} took {taken} DP-SGD steps but recorded {plan.steps_per_round}"
         )
+    # what this round's DP-SGD can produce at most (w.h.p.): secure aggregation tells an
+    # honest update beyond its range (clipped, recorded) from a broken one (refused)
+    bound = dp_sgd_update_bound(
+        lr=lr,
+        momentum=momentum,
+        max_grad_norm=plan.max_grad_norm,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps_per_round,
+        units=loader.num_units,
+        parameters=sum(int(v.size) for v in before.values()),
+        scale=config.server_lr if gradient_mode else 1.0,
+    )
     return reply(
         stats,
         int(trained.sum()),
+        norm_bound=bound.total,
         privacy=_privacy_report(
             data,
             plan,

@@ -68,6 +68,9 @@ class Update:
     num_examples: int
     gradient: bool
     server_lr: float
+    #: the most an honest update of this round can measure (L2, DP-SGD's high-probability
+    #: bound, :mod:`fedpriv.privacy.update_norm`); 0: nothing bounds it (no DP-SGD)
+    norm_bound: float = 0.0
 
     def weights(self) -> dict[str, np.ndarray]:
         """The model the hospital proposes: its trained weights, or, under FedSGD, the

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedpriv.errors import FedprivError
+from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.privacy.masking import (
     KEY_BYTES,
     Quantizer,
@@ -60,6 +60,7 @@ from fedpriv.privacy.masking import (
     seal_share,
     share,
 )
+from fedpriv.privacy.update_norm import run_update_bound
 from fedpriv.protocols.base import (
     Contribution,
     GlobalWeights,
@@ -71,7 +72,7 @@ from fedpriv.protocols.base import (
 )
 from fedpriv.protocols.checks import Limits, Rejected, check_count
 
-__all__ = ["MASKED", "SecAggHospital", "SecAggServer"]
+__all__ = ["MASKED", "UNBOUNDED_MAX_NORM", "SecAggHospital", "SecAggServer", "max_norm"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,13 +175,7 @@ class SecAggHospital(HospitalSide):
             delta = delta + self._rng.normal(0.0, z * clip / math.sqrt(threshold), delta.size)
             weight = 1.0
         else:
-            norm = float(np.linalg.norm(delta))
-            if not math.isfinite(norm) or norm > self.max_norm:
-                raise FedprivError(
-                    f"secure aggregation: this hospital's update has norm {norm:.4g}, more than "
-                    f"secagg-max-norm {self.max_norm:g} (an error, never a silent clip): it "
-                    "declines the round"
-                )
+            delta, clipped = self._within_range(delta, update, order)
             weight = update.num_examples / float(order.extra["weight-unit"])
         vector = np.append(weight * delta, weight)
         quantizer = Quantizer(bound=float(order.extra["bound"]), parties=len(participants))
@@ -202,8 +197,45 @@ class SecAggHospital(HospitalSide):
         record = ArrayRecord({MASKED: Array(masked)})
         return record, {
             "secagg-mask-seconds": time.perf_counter() - started,
+            # client-level DP's clip, or the range's (only ever at a DP-SGD hospital)
             "update-clipped": clipped,
         }
+
+    def _within_range(
+        self, delta: np.ndarray, update: Update, order: Any
+    ) -> tuple[np.ndarray, float]:
+        """The update to mask, and 1.0 if it had to be clipped into the run's range.
+
+        Within ``max-norm`` (the server's, the same for every hospital): as it is. Beyond it
+        but within what this round's DP-SGD can produce (``update.norm_bound``, exceeded by
+        an honest update with probability 1e-9): scaled down to ``max-norm``, which is
+        post-processing of the DP output (no patient's guarantee changes), logged here and
+        reported in the round's metrics. Beyond both, or not finite: something is broken, an
+        error (the hospital declines the round).
+        """
+        limit = float(order.extra.get("max-norm", self.max_norm))
+        norm = float(np.linalg.norm(delta))
+        if not math.isfinite(norm) or norm > max(limit, update.norm_bound) * (1 + 1e-9):
+            honest = (
+                f" and more than DP-SGD can produce ({update.norm_bound:.4g})"
+                if update.norm_bound > 0
+                else ""
+            )
+            raise FedprivError(
+                f"secure aggregation: this hospital's update has norm {norm:.4g}, more than "
+                f"secagg-max-norm {limit:.4g}{honest} (an error, never a silent clip): it "
+                "declines the round"
+            )
+        if norm <= limit:
+            return delta, 0.0
+        logger.warning(
+            "secure aggregation: this hospital's DP update has norm %.4g, more than the run's "
+            "secagg-max-norm %.4g: scaled down to it (post-processing: the DP guarantee is "
+            "unchanged; recorded as secagg-update-clipped)",
+            norm,
+            limit,
+        )
+        return delta * (limit / norm), 1.0
 
     def unmask(self, request: Mapping[str, Any], node: int, state: Any) -> dict[str, Any]:
         """This hospital's shares for a round's unmasking: of b_u for the survivors, of s_u
@@ -505,6 +537,7 @@ class SecAggServer(ServerSide):
             PARTICIPANTS: json.dumps(participants),
             "threshold": self.threshold,
             "bound": self.bound,
+            "max-norm": self.max_norm,
             "weight-unit": self.weight_unit,
         }
 
@@ -678,34 +711,93 @@ def _client_dp(config: Any) -> tuple[float, float] | None:
     return None
 
 
-def _bound(config: Any) -> float:
+#: the range when nothing bounds an update (no DP-SGD at the hospitals) and the user set none
+UNBOUNDED_MAX_NORM = 10.0
+
+
+def max_norm(config: Any, *, declared: Mapping[str, int], parameters: int) -> tuple[float, str]:
+    """The largest update norm a hospital may send under secure aggregation without
+    client-level DP, and where it comes from.
+
+    The range does two jobs. It makes the fixed-point sum exact (:class:`Quantizer`: the
+    step is ``parties * range / (2^31 - 1)``). And, since the server cannot see any single
+    update, it is all that limits how far a lying hospital can move the model: the server
+    discards a round whose aggregate's norm exceeds it, so one round moves the model by at
+    most the range, whoever lies. Too small, honest DP-SGD updates (mostly noise: with lr 1.0
+    and 4 local epochs 10.4-10.9 on breast-cancer) do not fit; too large, a liar gets more
+    room and the sum less precision. So:
+
+    - ``secagg-max-norm`` set: that value (``"set"``).
+    - 0 under DP-SGD (the default): the largest honest update any declared hospital can
+      produce with the run's settings, with probability 1 - 1e-9 a round
+      (:mod:`fedpriv.privacy.update_norm`; ``"derived"``): nobody honest is clipped, and a
+      liar can do no more than an honest hospital could. Hospitals declared with fewer
+      than ``min-patients`` records are left out (they decline every round). A hospital
+      whose own bound is larger (its patients hold several records each, or some were
+      left out for budget) scales its update down to the range, recorded.
+    - 0 without DP-SGD: nothing bounds an update; ``UNBOUNDED_MAX_NORM`` (``"fixed"``).
+    """
+    if config.secagg_max_norm > 0:
+        return float(config.secagg_max_norm), "set"
+    bounds = []
+    for units in declared.values():
+        if units < config.min_patients:  # declines every round: no say in the range (a liar
+            continue  # claiming a tiny hospital would widen it for everyone)
+        try:
+            bound = run_update_bound(config, units=int(units), parameters=parameters)
+        except ConfigError:  # this hospital cannot train at all; it says why itself
+            continue
+        if bound is not None:
+            bounds.append(bound.total)
+    if not bounds:
+        return UNBOUNDED_MAX_NORM, "fixed"
+    return max(bounds), "derived"
+
+
+def _bound(config: Any, max_norm: float) -> float:
     """The per-value range of what a hospital masks, from the clipping settings: under
     client-level DP its clipped update (norm at most S) plus its noise share (8 standard
-    deviations); otherwise updates of norm up to ``secagg-max-norm``. The weight (count over
-    the weight unit, or 1) is at most 1."""
+    deviations); otherwise updates of norm up to ``max_norm``. The weight (count over the
+    weight unit, or 1) is at most 1."""
     dp = _client_dp(config)
     if dp is not None:
         clip, z = dp
         return max(1.0, clip + 8.0 * z * clip)
-    return max(1.0, config.secagg_max_norm)
+    return max(1.0, max_norm)
 
 
-def _server(config: Any, *, limits: Limits, weight_unit: float = 0.0, **_: Any) -> SecAggServer:
+def _server(
+    config: Any, *, limits: Limits, weight_unit: float = 0.0, length: int = 0, **_: Any
+) -> SecAggServer:
     dp = _client_dp(config)
-    return SecAggServer(
+    if dp is not None:
+        limit, source = dp[0], "client-clip-norm"
+    else:
+        limit, source = max_norm(config, declared=limits.declared, parameters=length)
+    server = SecAggServer(
         limits=limits,
         threshold=config.secagg_threshold,
-        bound=_bound(config),
-        max_norm=dp[0] if dp else config.secagg_max_norm,
+        bound=_bound(config, limit),
+        max_norm=limit,
         client_dp=dp,
         weight_unit=weight_unit or float(limits.max_examples),
     )
+    server.stats.update({"max_norm": limit, "max_norm_from": source})
+    if source == "derived":
+        logger.info(
+            "secure aggregation: updates of norm up to %.4g (derived from the run's DP-SGD "
+            "settings and the hospitals' sizes), fixed-point step %.3g",
+            limit,
+            Quantizer(bound=_bound(config, limit), parties=max(1, len(limits.declared))).step,
+        )
+    return server
 
 
 def _hospital(config: Any, node_config: Any) -> SecAggHospital:
-    return SecAggHospital(
-        bound=_bound(config), max_norm=config.secagg_max_norm, client_dp=_client_dp(config)
-    )
+    # the range comes with every round's order (the server's, one for all); this is the
+    # hospital's own reading of the settings, for an order that carries none
+    limit = config.secagg_max_norm or UNBOUNDED_MAX_NORM
+    return SecAggHospital(bound=_bound(config, limit), max_norm=limit, client_dp=_client_dp(config))
 
 
 SECAGG = register_protocol(

@@ -65,6 +65,7 @@ def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, A
         num_classes=dataset.num_classes,
         name=config.model,
         width=config.model_width,
+        dp=config.sample_level_dp,
     )
 
 
@@ -408,6 +409,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         num_classes=classes,
         name=plan.config.model,
         width=plan.config.model_width,
+        dp=plan.config.sample_level_dp,
     )
     build(model_name, **model_args)
     plan.run_dir.write_config(plan.config, model_name=model_name, model_args=model_args)

@@ -143,6 +143,12 @@ def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
     masked = rows[1]["aggregation"]
     assert masked["protocol"] == "secagg" and masked["survivors"] == 2 and masked["dropped"] == 1
     assert "aggregate_failure" not in rows[1], rows[1].get("aggregate_failure")
+    # the DP recipe's updates fit the range derived from the run (the fixed 10 turned
+    # every hospital away): nobody declined or was clipped
+    assert masked["max_norm_from"] == "derived" and masked["max_norm"] > 10.0
+    for row in rows:
+        assert row["declined"] == {}, row["declined"]
+        assert all(h.get("update_clipped", 0.0) == 0.0 for h in row["hospitals"].values())
 
 
 def test_a_restarted_superlink_keeps_its_hospitals_and_a_run_resumes(

@@ -62,7 +62,8 @@ def test_more_hospitals_than_records(tmp_path: Path) -> None:
     [
         (["--alpha", "0", "--partition", "dirichlet"], "alpha must be > 0"),
         (["--alpha", "-2"], "alpha must be > 0"),
-        (["--rounds", "0"], "rounds must be at least 1"),
+        (["--rounds", "0"], "--rounds must be > 0"),
+        (["--lr", "0"], "--lr must be > 0"),
         (["--partition", "natural"], "needs a site column"),
         (
             ["--partition", "label-skew", "--classes-per-hospital", "1", "--hospitals", "1"],

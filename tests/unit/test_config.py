@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedpriv.config import RunConfig, load_toml
+from fedpriv.config import DP_RECIPE, PLAIN_RECIPE, RunConfig, load_toml
 from fedpriv.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_pyproject_run_config_matches_the_defaults() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     flower_defaults = pyproject["tool"]["flwr"]["app"]["config"]
-    ours = RunConfig().to_mapping()
+    # the fields' own defaults (0 = "the recipe's"), not the values a run resolves them to
+    ours = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
     # `flwr run --run-config` accepts only keys pyproject lists, so it must list them all
     assert set(flower_defaults) == set(ours)
     for key, value in flower_defaults.items():
@@ -37,14 +39,15 @@ def test_kebab_case_and_coercion() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"rounds": 0}, "rounds must be at least 1"),
+        ({"rounds": -1}, "rounds must be > 0, or 0 for the recipe's"),
         ({"alpha": 0}, "alpha must be > 0"),
         ({"alpha": -1.5}, "alpha must be > 0"),
         ({"hospitals": 0}, "hospitals must be at least 1"),
         ({"partition": "zipf"}, "unknown partition 'zipf'"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
-        ({"lr": 0}, "lr must be > 0"),
-        ({"batch-size": 0}, "batch-size must be at least 1"),
+        ({"lr": -0.1}, "lr must be > 0, or 0"),
+        ({"batch-size": -1}, "batch-size must be > 0, or 0"),
+        ({"local-epochs": -2}, "local-epochs must be > 0, or 0"),
         ({"held-out-fraction": 1.0}, "held-out-fraction"),
         ({"rounds": "many"}, "'rounds' must be an integer"),
         ({"rounds": 2.5}, "'rounds' must be an integer"),
@@ -56,6 +59,23 @@ def test_kebab_case_and_coercion() -> None:
 def test_bad_values_are_refused_with_a_clear_message(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_mapping(values)
+
+
+def test_dp_recipe_fills_only_unset_keys_and_only_under_dp_sgd() -> None:
+    dp = RunConfig()
+    assert (dp.rounds, dp.local_epochs, dp.batch_size, dp.lr) == (10, 4, 128, 1.0)
+    assert dp.recipe is DP_RECIPE
+    plain = RunConfig(dp=False)
+    assert (plain.rounds, plain.local_epochs, plain.batch_size, plain.lr) == (5, 1, 32, 0.1)
+    # client-level DP only: the hospitals run plain SGD, so theirs is the plain recipe
+    client = RunConfig(dp_level="client")
+    assert client.recipe is PLAIN_RECIPE and client.batch_size == 32
+    # a value the user gives wins, even where it equals the other recipe's
+    given = RunConfig.from_mapping({"rounds": 5, "lr": 0.1})
+    assert (given.rounds, given.lr, given.local_epochs, given.batch_size) == (5, 0.1, 4, 128)
+    # the resolved values are what travels (to hospitals, into config.json): nothing re-resolves
+    assert RunConfig.from_mapping(dp.to_mapping()) == dp
+    assert dp.replace(dp=False).rounds == 10
 
 
 def test_toml_file_top_level_or_flower_table(tmp_path: Path) -> None:
@@ -71,3 +91,20 @@ def test_toml_file_top_level_or_flower_table(tmp_path: Path) -> None:
         load_toml(broken)
     with pytest.raises(ConfigError, match="does not exist"):
         load_toml(tmp_path / "missing.toml")
+
+
+def test_config_json_records_the_recipe_values_used(tmp_path: Path) -> None:
+    import json
+
+    from fedpriv.server.simulation import prepare_simulation
+
+    plan = prepare_simulation(RunConfig(dataset="digits", out=str(tmp_path), device="cpu"))
+    recorded = json.loads((plan.run_dir.path / "config.json").read_text())
+    assert (recorded["rounds"], recorded["local-epochs"]) == (10, 4)
+    assert (recorded["batch-size"], recorded["lr"]) == (128, 1.0)
+    assert recorded["model"] == "mlp"  # 8x8 images under DP-SGD
+    plain = prepare_simulation(
+        RunConfig(dataset="digits", dp=False, out=str(tmp_path), run_name="plain", device="cpu")
+    )
+    recorded = json.loads((plain.run_dir.path / "config.json").read_text())
+    assert (recorded["rounds"], recorded["batch-size"], recorded["model"]) == (5, 32, "cnn")

@@ -66,3 +66,57 @@ def test_a_run_with_a_larger_delta_than_a_sites_ledger_is_refused_before_round_1
     ok = _prepare_deployment(config.replace(delta=1e-6, run_name="ok"), resume_dir=None)
     resolved = resolve_model_from_hospitals(grid, ok)  # type: ignore[arg-type]
     assert resolved.model_name == "mlp"
+
+
+SCHEMA = """
+name = "three-classes"
+[[feature]]
+name = "a"
+kind = "numeric"
+min = 0
+max = 100
+[[feature]]
+name = "b"
+kind = "numeric"
+min = 0
+max = 10
+[[label]]
+code = "0"
+[[label]]
+code = "1"
+[[label]]
+code = "2"
+"""
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_the_models_classes_come_from_the_schema_not_the_highest_label_a_site_holds(
+    tmp_path: Path,
+) -> None:
+    """Both sites hold codes 0 and 1 only; the federation's schema lists three. Before, each
+    site reported its highest label + 1 and the model got two outputs: a record of class 2
+    (at a site that joins later, or in the next file) had no output to train."""
+    from fedpriv.data import load_schema
+
+    schema = tmp_path / "schema.toml"
+    schema.write_text(SCHEMA)
+    sites = {}
+    for node, name in ((1, "st-mary"), (2, "county")):
+        site = _site(tmp_path, name, 1e-5)
+        site["schema-path"] = str(schema)
+        sites[node] = site
+    config = RunConfig(
+        deployment=True,
+        schema=str(schema),
+        out=str(tmp_path / "runs"),
+        run_name="classes",
+    )
+    plan = _prepare_deployment(config, resume_dir=None)
+    assert plan.config.schema_digest == load_schema(schema).digest
+    resolved = resolve_model_from_hospitals(InProcessGrid(sites), plan)  # type: ignore[arg-type]
+    assert resolved.model_args["num_classes"] == 3
+    # without a schema, a site still reports the classes its labels show
+    bare = {1: _site(tmp_path, "bare", 1e-5)}
+    plain = _prepare_deployment(config.replace(schema="", run_name="bare"), resume_dir=None)
+    found = resolve_model_from_hospitals(InProcessGrid(bare), plain)  # type: ignore[arg-type]
+    assert found.model_args["num_classes"] == 2
