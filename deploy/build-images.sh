@@ -108,10 +108,12 @@ TORCH_REQ="$TORCH"
 # ---- the images ---------------------------------------------------------------------------
 for role in superlink supernode; do
     image="fedpriv/$role:$IMAGE_TAG"
+    # what the image is built from: the staged source, its Dockerfile and the build arguments
+    build_id="$(printf '%s %s %s %s %s' "$source_id" "$(sha256sum <"$ROOT/deploy/$role.Dockerfile")" \
+        "$BASE_IMAGE" "$wheel" "$APP_UID" | sha256sum | cut -c1-16)"
     if [ "$FORCE" = 0 ] && podman image exists "$image" \
-        && [ "$(podman image inspect --format '{{ index .Labels "org.fedpriv.source" }}' "$image")" = "$source_id" ] \
-        && [ "$(podman image inspect --format '{{ index .Labels "org.fedpriv.base" }}' "$image")" = "$BASE_IMAGE" ]; then
-        echo "$image is up to date (source $source_id)"
+        && [ "$(podman image inspect --format '{{ index .Labels "org.fedpriv.build" }}' "$image")" = "$build_id" ]; then
+        echo "$image is up to date (build $build_id)"
         continue
     fi
     echo "building $image on $BASE_IMAGE"
@@ -119,7 +121,7 @@ for role in superlink supernode; do
     "${PODMAN[@]}" build --format docker --layers "${PODMAN_OPTS[@]}" \
         --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "TORCH=$TORCH_REQ" \
         --build-arg "APP_UID=$APP_UID" \
-        --label "org.fedpriv.source=$source_id" --label "org.fedpriv.base=$BASE_IMAGE" \
+        --label "org.fedpriv.build=$build_id" --label "org.fedpriv.base=$BASE_IMAGE" \
         -f "$ROOT/deploy/$role.Dockerfile" -t "$image" "$context"
     echo "$image built in $(($(date +%s) - start)) s"
 done

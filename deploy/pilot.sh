@@ -52,7 +52,7 @@ say() { echo "[pilot $(date +%H:%M:%S)] $*"; }
 die() { echo "error: $*" >&2; exit 1; }
 
 in_image() {  # run a command in the superlink image as root, with the pilot directory at /pilot
-    "${PODMAN[@]}" run --rm -i "${PODMAN_OPTS[@]}" --user 0 --network none \
+    "${PODMAN[@]}" run --rm -i "${PODMAN_OPTS[@]}" --user 0 --network none --no-healthcheck \
         -v "$PILOT:/pilot" --entrypoint "$1" "fedpriv/superlink:$IMAGE_TAG" "${@:2}"
 }
 
@@ -171,7 +171,10 @@ run() {
         || die "flwr run was refused: $reply"
     local deadline=$((SECONDS + ${RUN_TIMEOUT:-900}))
     while :; do
-        status="$("$FLWR" ls pilot --run-id "$run_id" --format json | python3 -c "import json,sys; print(json.load(sys.stdin)['runs'][0]['status'])")"
+        status="$("$FLWR" ls pilot --run-id "$run_id" --format json 2>/dev/null | python3 -c \
+            "import json,sys
+try: print(json.load(sys.stdin)['runs'][0]['status'])
+except Exception: print('unknown (the SuperLink did not answer)')")"
         case "$status" in finished:*) break ;; esac
         [ $SECONDS -lt $deadline ] || die "run $run_id still '$status' after ${RUN_TIMEOUT:-900} s"
         sleep 2

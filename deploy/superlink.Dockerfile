@@ -5,6 +5,7 @@
 #
 # BASE_IMAGE: any Debian-like image with python3 (3.11+), python3-venv and useradd.
 ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+# checkov:skip=CKV_DOCKER_7: FROM names the build argument BASE_IMAGE, whose default is a versioned tag
 
 FROM ${BASE_IMAGE} AS build
 # TORCH: the PyTorch requirement installed first. The coordinator never trains, so a CPU
@@ -29,8 +30,10 @@ ARG APP_UID=10001
 RUN groupadd --gid "${APP_UID}" app \
  && useradd --uid "${APP_UID}" --gid app --no-create-home --home-dir /state \
         --shell /usr/sbin/nologin app \
- && install -d -o app -g app -m 0700 /state /runs
+ && install -d -o app -g app -m 0700 /state
+# (the lines so far are the supernode image's own: the two images share these layers)
 COPY --from=build /opt/fedpriv /opt/fedpriv
+RUN install -d -o app -g app -m 0700 /runs
 # Everything written at run time goes to /state (SuperLink database), /runs (run
 # directories) or /tmp: the root filesystem can be mounted read-only.
 ENV PATH=/opt/fedpriv/bin:$PATH \

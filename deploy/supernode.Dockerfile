@@ -5,6 +5,7 @@
 #
 # BASE_IMAGE: any Debian-like image with python3 (3.11+), python3-venv and useradd.
 ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+# checkov:skip=CKV_DOCKER_7: FROM names the build argument BASE_IMAGE, whose default is a versioned tag
 
 FROM ${BASE_IMAGE} AS build
 # TORCH: the PyTorch requirement installed first. build-images.sh stages the CPU wheel under
