@@ -17,8 +17,8 @@
 # Needs: podman, podman-compose (COMPOSE), the images (deploy/build-images.sh) and Flower's
 # `flwr` CLI for registering and submitting (FLWR; the researcher's side, outside the
 # containers). Settings: PILOT_DIR (deploy/pilot), SUPERLINK_PORT (9092 on 127.0.0.1),
-# PROJECT (the compose project name), ROUNDS (2), RUN_NAME. The certificates, keys and demo data are made inside the superlink image,
-# so the host needs no fedpriv install.
+# PROJECT (the compose project name), ROUNDS (2), RUN_NAME. The certificates, keys and demo
+# data are made inside the superlink image, so the host needs no fedpriv install.
 set -euo pipefail
 
 DEPLOY="$(cd "$(dirname "$0")" && pwd)"
