@@ -1,21 +1,53 @@
-# A hospital: Flower's SuperNode with fedpriv installed, next to the hospital's data.
-# Build from the repository root:
-#   docker build -f deploy/supernode.Dockerfile -t fedpriv/supernode:0.1.0 .
-# For a CUDA site, replace the CPU index URL with the CUDA one of your driver.
-FROM flwr/supernode:1.41.0
+# A hospital: Flower's SuperNode with fedpriv installed, next to the hospital's data. Build it
+# with deploy/build-images.sh (deploy/README.md, "Building"). The SuperNode only connects
+# out to the SuperLink: it publishes no port (its Runtime API listens on 127.0.0.1 inside
+# the container, for the ClientApp processes it starts).
+#
+# BASE_IMAGE: any Debian-like image with python3 (3.11+), python3-venv and useradd.
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+# checkov:skip=CKV_DOCKER_7: FROM names the build argument BASE_IMAGE, whose default is a versioned tag
 
-USER root
-WORKDIR /opt/fedpriv
-COPY pyproject.toml README.md ./
-COPY fedpriv ./fedpriv
-RUN python -m pip install --no-cache-dir "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
- && python -m pip install --no-cache-dir /opt/fedpriv
-USER app
+FROM ${BASE_IMAGE} AS build
+# TORCH: the PyTorch requirement installed first. build-images.sh stages the CPU wheel under
+# wheels/; a site with GPUs passes e.g. --build-arg TORCH=torch==2.13.0 with its CUDA index
+# in pip/pip.conf.
+ARG TORCH="torch==2.13.0"
+COPY pip/ /opt/build/pip/
+COPY wheels/ /opt/build/wheels/
+# fedpriv's dependencies (requirements.txt: pyproject's, staged by build-images.sh) in a layer
+# of their own, so that a change to fedpriv's source rebuilds in seconds
+COPY requirements.txt /opt/build/
+ENV PIP_CONFIG_FILE=/opt/build/pip/pip.conf \
+    PIP_FIND_LINKS=/opt/build/wheels \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/fedpriv \
+ && /opt/fedpriv/bin/pip install --no-cache-dir "${TORCH}" \
+ && /opt/fedpriv/bin/pip install --no-cache-dir -r /opt/build/requirements.txt
+COPY src/ /opt/build/src/
+RUN /opt/fedpriv/bin/pip install --no-cache-dir --no-deps /opt/build/src
 
-ENV FLWR_TELEMETRY_ENABLED=0 \
+FROM ${BASE_IMAGE}
+# APP_UID: the fixed user and group the SuperNode runs as; the hospital's key files and
+# ledger volume belong to it (deploy/README.md, "Files, owners and modes").
+ARG APP_UID=10001
+RUN groupadd --gid "${APP_UID}" app \
+ && useradd --uid "${APP_UID}" --gid app --no-create-home --home-dir /state \
+        --shell /usr/sbin/nologin app \
+ && install -d -o app -g app -m 0700 /state
+COPY --from=build /opt/fedpriv /opt/fedpriv
+ENV PATH=/opt/fedpriv/bin:$PATH \
+    HOME=/tmp \
+    FLWR_HOME=/tmp/flwr \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    PYTHONDONTWRITEBYTECODE=1 \
+    FLWR_TELEMETRY_ENABLED=0 \
     FLWR_DISABLE_UPDATE_CHECK=1
-# /data: the hospital's records (read-only); /state: its privacy ledger (persistent, backed up);
-# /keys: its SuperNode key and the CA certificate; /secrets: the CKKS secret context
-VOLUME ["/data", "/state"]
-EXPOSE 9094
+USER ${APP_UID}:${APP_UID}
+WORKDIR /state
+# /data: the hospital's records (mount read-only); /state: its privacy ledger and the
+# ledger's key (persistent: back it up, never delete it); /keys: its SuperNode key and the
+# CA certificate; /secrets: the CKKS secret context (both read-only)
+VOLUME ["/state"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9094), 3)"]
 ENTRYPOINT ["flower-supernode"]
