@@ -34,6 +34,9 @@ def send_and_receive(
 ) -> list[Message]:
     """The replies that came back within ``timeout`` seconds (the same contract as
     ``Grid.send_and_receive``: a message with no reply by then simply has none)."""
+    if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
+        # a grid that only exchanges (e.g. an in-process transport): its own way
+        return list(grid.send_and_receive(messages, timeout=timeout))
     if interval is None:
         interval = float(getattr(grid, "pull_interval", PULL_INTERVAL))
     waiting = {message_id for message_id in grid.push_messages(messages) if message_id}

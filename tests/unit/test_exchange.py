@@ -63,3 +63,11 @@ def test_the_grids_own_interval_is_kept_when_it_has_one() -> None:
     grid.pull_interval = 0.1  # type: ignore[attr-defined]
     send_and_receive(grid, ["a"], timeout=10)
     assert 3 <= grid.pulls <= 6
+
+
+def test_a_grid_that_only_exchanges_is_used_as_it_is() -> None:
+    class _Exchanging:
+        def send_and_receive(self, messages: Iterable[Any], *, timeout: float) -> list[Any]:
+            return [f"reply to {m}" for m in messages]
+
+    assert send_and_receive(_Exchanging(), ["a"], timeout=1) == ["reply to a"]  # type: ignore[arg-type]
