@@ -22,6 +22,8 @@ from fedpriv.errors import ConfigError
 __all__ = [
     "ARRAYS",
     "CONFIG",
+    "EVALUATE_RECEIVED",
+    "EVALUATION",
     "HOSPITAL",
     "METRICS",
     "MODE_GRADIENT",
@@ -41,12 +43,17 @@ HOSPITAL = "hospital"
 PRIVACY = "privacy"  # ConfigRecord: the hospital's privacy spend, as JSON under PRIVACY_JSON
 PROTOCOL = "protocol"  # ConfigRecord: an aggregation protocol's own content (setup, unmasking)
 PRIVACY_JSON = "json"
+#: MetricRecord in a training reply: the hospital's evaluation of the model it received
+#: (the previous round's aggregate), so a round needs one exchange, not two
+EVALUATION = "evaluation"
 
 # MetricRecord key the strategies weight by (Flower's own convention)
 NUM_EXAMPLES = "num-examples"
 
 # protocol keys inside the CONFIG record, beside the run configuration
 SERVER_ROUND = "server-round"
+#: in a training order: evaluate the received model first and reply it under EVALUATION
+EVALUATE_RECEIVED = "evaluate-received"
 MODEL_NAME = "model-name"
 MODEL_ARGS = "model-args"
 MODE = "update-mode"

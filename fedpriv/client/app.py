@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpriv import messages as msg
+from fedpriv.client.carried import evaluation_metrics, wants_evaluation
 from fedpriv.client.hospital import (
     HospitalData,
     audit_counts,
@@ -57,6 +58,24 @@ def _order(message: Message, context: Context) -> msg.TrainingOrder:
 
 
 @app.train()
+def train_and_evaluate(message: Message, context: Context) -> Message:
+    """Training, and (when the order asks) first an evaluation of the received model,
+    carried on the same reply (fedpriv.client.carried)."""
+    order = _order(message, context)
+    evaluation = None
+    if wants_evaluation(order):
+        evaluation = evaluation_metrics(
+            order,
+            local_data(order.config, context.node_config),
+            message.content.array_records[msg.ARRAYS],
+            side=protocol_side(order.config, context.node_config),
+        )
+    reply = handle_train(message, context)
+    if evaluation is not None and not reply.has_error():
+        reply.content[msg.EVALUATION] = evaluation
+    return reply
+
+
 def handle_train(message: Message, context: Context) -> Message:
     order = _order(message, context)
     data = local_data(order.config, context.node_config)

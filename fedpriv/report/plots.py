@@ -48,14 +48,9 @@ def accuracy_plot(rows: Sequence[Mapping[str, Any]]) -> str | None:
         ("eval_accuracy", "held-out at the hospitals (federated)"),
         ("test_accuracy", "central test split"),
     ):
-        values = [r.get(key) for r in rows if isinstance(r.get("round"), int)]
-        if any(isinstance(v, int | float) for v in values):
-            ax.plot(
-                rounds,
-                [v if isinstance(v, int | float) else math.nan for v in values],
-                marker="o",
-                label=label,
-            )
+        points = sorted(_accuracy_points(rows, key).items())
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -66,6 +61,26 @@ def accuracy_plot(rows: Sequence[Mapping[str, Any]]) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     return png(fig)
+
+
+def _accuracy_points(rows: Sequence[Mapping[str, Any]], key: str) -> dict[int, float]:
+    """``key`` by the round whose model it describes: a row's federated evaluation may be of
+    the model its hospitals received (``evaluated_round``), and the last row may carry the
+    round before's (``previous_evaluation``)."""
+    points: dict[int, float] = {}
+    for row in rows:
+        if not isinstance(row.get("round"), int):
+            continue
+        earlier = row.get("previous_evaluation")
+        if key == "eval_accuracy" and isinstance(earlier, Mapping):
+            value, at = earlier.get(key), earlier.get("round")
+            if isinstance(value, int | float) and isinstance(at, int | float):
+                points[int(at)] = float(value)
+        value = row.get(key)
+        if isinstance(value, int | float):
+            at = row.get("evaluated_round", row["round"]) if key == "eval_accuracy" else None
+            points[int(at if isinstance(at, int | float) else row["round"])] = float(value)
+    return points
 
 
 def _groups(series: Mapping[str, list[tuple[int, float]]]) -> list[tuple[list[str], list]]:

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from fedpriv import messages as msg
 from fedpriv.privacy.audit.federated import LOSS_THRESHOLDS, combine_counts
+from fedpriv.server.exchange import send_and_receive
 from fedpriv.strategies.fedavg import hospital_name
 
 __all__ = ["federated_audit"]
@@ -33,7 +34,7 @@ def federated_audit(
         Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
         for node in sorted(grid.get_node_ids())
     ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = list(send_and_receive(grid, messages, timeout=timeout))
     per_hospital: dict[str, Any] = {}
     members_le = np.zeros(LOSS_THRESHOLDS.size, dtype=np.int64)
     non_members_le = np.zeros(LOSS_THRESHOLDS.size, dtype=np.int64)

@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpriv import messages as msg
 from fedpriv.protocols.base import UNUSABLE
+from fedpriv.server.exchange import send_and_receive
 from fedpriv.strategies.fedavg import hospital_name
 
 __all__ = ["RoundOutcome", "run_rounds", "wait_for_hospitals"]
@@ -46,6 +47,9 @@ class RoundOutcome:
     #: the protocol's refusals, and why a round's aggregate failed (the model then stays)
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
     aggregate_failure: str = ""
+    #: with evaluation carried on training replies, the last round also reports the
+    #: carried evaluation of the round before (its own row describes the final model)
+    previous_evaluation: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class FederationStopped(Exception):
@@ -159,14 +163,23 @@ def run_rounds(
     A round whose training replies come from fewer than ``min_hospitals`` hospitals ends
     the run (``on_stop`` gets that round's privacy reports, e.g. of hospitals that declined):
     the last good global model is kept.
+
+    Unless the protocol's evaluation exchange does more than evaluate, a round is one
+    exchange: each training reply also carries the hospital's evaluation of the model it
+    received (``msg.EVALUATION``), recorded as the previous round's evaluation; the last
+    round's model is evaluated in one more exchange (:func:`carries_evaluation` says when).
+    Hospitals that ignore the request (e.g. a stock Flower ClientApp) get the separate
+    evaluation exchange instead.
     """
+    carry = carries_evaluation(strategy)
     for server_round in range(first_round, last_round + 1):
         started = time.perf_counter()
         logger.info("[ROUND %d/%d]", server_round, last_round)
-        train_messages = list(
-            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-        )
-        replies = list(grid.send_and_receive(train_messages, timeout=timeout))
+        order = ConfigRecord(dict(train_config))
+        if carry:
+            order[msg.EVALUATE_RECEIVED] = True
+        train_messages = list(strategy.configure_train(server_round, arrays, order, grid))
+        replies = list(send_and_receive(grid, train_messages, timeout=timeout))
         ok, declined, failed = _split_replies(replies, _destinations(train_messages))
         privacy = _privacy_reports(replies)
         for who, reason in declined.items():
@@ -187,57 +200,82 @@ def run_rounds(
             raise FederationStopped(f"round {server_round}: no usable update to aggregate")
         hospitals = _per_hospital(ok, "train_examples")
 
-        # evaluation: of the new model, or (deferred) of the model the hospitals trained
-        # from, while the same exchange carries what the protocol needs to finish the round
-        evaluation = ConfigRecord(dict(evaluate_config))
-        if deferred and side is not None:
-            for key, value in side.evaluate_extra().items():
-                evaluation[key] = value
-        eval_messages = list(
-            strategy.configure_evaluate(
-                server_round,
-                arrays if deferred or new_arrays is None else new_arrays,
-                evaluation,
-                grid,
-            )
-        )
-        eval_replies = list(grid.send_and_receive(eval_messages, timeout=timeout))
-        eval_ok, eval_declined, eval_failed = _split_replies(
-            eval_replies, _destinations(eval_messages)
-        )
-        for who, reason in eval_failed.items():
-            logger.warning("round %d: evaluation at %s failed: %s", server_round, who, reason)
-        eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
-        evaluated = server_round - 1 if deferred else server_round
-        failure = ""
-        if side is not None and getattr(side, "verified_on_evaluate", False):
-            # the hospitals decrypted the new aggregate: if most cannot use it, drop it
-            unusable = _unusable(eval_replies)
-            failure = side.verdict(unusable, len(eval_ok) + len(eval_declined))
-            if failure:
-                logger.warning("round %d: %s", server_round, failure)
-                new_arrays, eval_metrics = arrays, None  # the global model stays
-            elif unusable:
-                logger.warning(
-                    "round %d: a minority could not use the aggregate: %s", server_round, unusable
-                )
-        if deferred and side is not None:
-            new_arrays = side.complete(_protocol_records(eval_ok))
-            if new_arrays is None:
-                failure = side.failure
-                logger.warning("round %d: no aggregate: %s", server_round, failure)
-                new_arrays = arrays  # the global model stays what it was
+        carried = _carried_evaluations(replies) if carry else []
+        previous: dict[str, float] = {}
+        if carried:  # one exchange: the replies evaluated the model they trained from
+            assert new_arrays is not None
+            eval_ok = carried
+            eval_failed: dict[str, str] = {}
+            eval_metrics = strategy.aggregate_evaluate(server_round, carried)
+            evaluated = server_round - 1
+            failure = ""
             if server_round == last_round:  # the final model, evaluated once
+                previous = {"round": evaluated, **_plain(eval_metrics)}
                 final_messages = list(
                     strategy.configure_evaluate(
                         server_round, new_arrays, ConfigRecord(dict(evaluate_config)), grid
                     )
                 )
-                final_replies = list(grid.send_and_receive(final_messages, timeout=timeout))
-                final_ok, _, _ = _split_replies(final_replies, _destinations(final_messages))
-                eval_metrics = strategy.aggregate_evaluate(server_round, final_ok)
-                eval_ok = final_ok
+                final_replies = send_and_receive(grid, final_messages, timeout=timeout)
+                eval_ok, _, eval_failed = _split_replies(
+                    final_replies, _destinations(final_messages)
+                )
+                eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
                 evaluated = server_round
+        else:
+            # evaluation: of the new model, or (deferred) of the model the hospitals trained
+            # from, while the same exchange carries what the protocol needs to finish the round
+            evaluation = ConfigRecord(dict(evaluate_config))
+            if deferred and side is not None:
+                for key, value in side.evaluate_extra().items():
+                    evaluation[key] = value
+            eval_messages = list(
+                strategy.configure_evaluate(
+                    server_round,
+                    arrays if deferred or new_arrays is None else new_arrays,
+                    evaluation,
+                    grid,
+                )
+            )
+            eval_replies = list(send_and_receive(grid, eval_messages, timeout=timeout))
+            eval_ok, eval_declined, eval_failed = _split_replies(
+                eval_replies, _destinations(eval_messages)
+            )
+            for who, reason in eval_failed.items():
+                logger.warning("round %d: evaluation at %s failed: %s", server_round, who, reason)
+            eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
+            evaluated = server_round - 1 if deferred else server_round
+            failure = ""
+            if side is not None and getattr(side, "verified_on_evaluate", False):
+                # the hospitals decrypted the new aggregate: if most cannot use it, drop it
+                unusable = _unusable(eval_replies)
+                failure = side.verdict(unusable, len(eval_ok) + len(eval_declined))
+                if failure:
+                    logger.warning("round %d: %s", server_round, failure)
+                    new_arrays, eval_metrics = arrays, None  # the global model stays
+                elif unusable:
+                    logger.warning(
+                        "round %d: a minority could not use the aggregate: %s",
+                        server_round,
+                        unusable,
+                    )
+            if deferred and side is not None:
+                new_arrays = side.complete(_protocol_records(eval_ok))
+                if new_arrays is None:
+                    failure = side.failure
+                    logger.warning("round %d: no aggregate: %s", server_round, failure)
+                    new_arrays = arrays  # the global model stays what it was
+                if server_round == last_round:  # the final model, evaluated once
+                    final_messages = list(
+                        strategy.configure_evaluate(
+                            server_round, new_arrays, ConfigRecord(dict(evaluate_config)), grid
+                        )
+                    )
+                    final_replies = list(send_and_receive(grid, final_messages, timeout=timeout))
+                    final_ok, _, _ = _split_replies(final_replies, _destinations(final_messages))
+                    eval_metrics = strategy.aggregate_evaluate(server_round, final_ok)
+                    eval_ok = final_ok
+                    evaluated = server_round
         assert new_arrays is not None
         arrays = new_arrays
         for name, entry in _per_hospital(eval_ok, "num_examples").items():
@@ -256,9 +294,45 @@ def run_rounds(
                 evaluated_round=evaluated,
                 rejected=dict(getattr(side, "rejected", []) or []),
                 aggregate_failure=failure,
+                previous_evaluation=previous,
             )
         )
     return arrays
+
+
+def carries_evaluation(strategy: Strategy) -> bool:
+    """Whether a round's evaluation can ride on the next round's training replies: only with
+    fedpriv's own strategies (Flower's stock ones accept exactly one MetricRecord per reply),
+    when every hospital trains each round (otherwise some would go unevaluated), and not
+    when the protocol's evaluation exchange also finishes the round (secure aggregation's
+    unmasking) or verifies the new aggregate before it is used (CKKS)."""
+    side = getattr(strategy, "aggregator", None)
+    if side is None or float(getattr(strategy, "fraction_train", 1.0)) < 1.0:
+        return False
+    return not (
+        getattr(side, "completes_on_evaluate", False)
+        or getattr(side, "verified_on_evaluate", False)
+    )
+
+
+def _carried_evaluations(replies: Iterable[Message]) -> list[Message]:
+    """The evaluations the training replies carried, as evaluation replies look (the
+    hospital's record and its metrics), for the strategy's ``aggregate_evaluate``."""
+    out: list[Message] = []
+    for reply in replies:
+        if reply.has_error() or msg.EVALUATION not in reply.content.metric_records:
+            continue
+        content = RecordDict({msg.METRICS: reply.content.metric_records[msg.EVALUATION]})
+        if msg.HOSPITAL in reply.content.config_records:
+            content[msg.HOSPITAL] = reply.content.config_records[msg.HOSPITAL]
+        out.append(
+            Message(
+                content=content,
+                dst_node_id=int(reply.metadata.src_node_id),
+                message_type=MessageType.EVALUATE,
+            )
+        )
+    return out
 
 
 def _protocol_records(replies: Iterable[Message]) -> dict[int, dict[str, Any]]:

@@ -21,6 +21,7 @@ from fedpriv.data import Dataset, FederatedSplit, split_for
 from fedpriv.errors import ConfigError
 from fedpriv.models import build, default_model, initial_state, replace_batchnorm
 from fedpriv.privacy.dp import batchnorm_layers
+from fedpriv.server.exchange import send_and_receive
 from fedpriv.server.rundir import Checkpoint, RunDirectory, new_run_name
 from fedpriv.strategies.fedavg import hospital_name
 from fedpriv.training import evaluate, make_loader, resolve_device, set_weights
@@ -373,7 +374,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
     declared: dict[str, int] = {}
     classes = 0
     errors = []
-    for reply in grid.send_and_receive(messages, timeout=plan.config.round_timeout):
+    for reply in send_and_receive(grid, messages, timeout=plan.config.round_timeout):
         if reply.has_error():
             errors.append(str(reply.error.reason).strip().splitlines()[-1][:300])
             continue

@@ -29,6 +29,7 @@ from fedpriv.privacy.he import Layout
 from fedpriv.protocols.base import ServerSide, create_protocol
 from fedpriv.protocols.checks import Limits
 from fedpriv.protocols.ckks import KEYS_DIR, array_to_numpy, server_keys
+from fedpriv.server.exchange import send_and_receive
 from fedpriv.server.loop import FederationStopped, RoundOutcome, run_rounds, wait_for_hospitals
 from fedpriv.server.prepare import (
     CentralEvaluator,
@@ -91,6 +92,8 @@ def _row(outcome: RoundOutcome, central: dict[str, float], seconds: float) -> di
         extra["rejected"] = outcome.rejected
     if outcome.aggregate_failure:
         extra["aggregate_failure"] = outcome.aggregate_failure
+    if outcome.previous_evaluation:  # the carried evaluation of the round before the last
+        extra["previous_evaluation"] = outcome.previous_evaluation
     return {
         "round": outcome.round,
         "train_loss": _num(tm.get("train_loss")),
@@ -308,7 +311,7 @@ def _setup_exchange(
             )
         )
     answers: dict[int, tuple[str, dict[str, Any]]] = {}
-    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+    for reply in send_and_receive(grid, messages, timeout=config.round_timeout):
         if reply.has_error():
             logger.warning(
                 "%s: node %s failed: %s",

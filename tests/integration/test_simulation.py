@@ -16,7 +16,7 @@ import torch
 import fedpriv
 from fedpriv.config import RunConfig
 from fedpriv.data import FederatedSplit, load_dataset
-from fedpriv.models import build
+from fedpriv.models import build, initial_state
 from fedpriv.training import evaluate, make_loader
 
 
@@ -85,6 +85,46 @@ def test_an_auditor_can_reload_the_run_from_its_files(run) -> None:  # type: ign
     for hospital in split.hospitals:
         assert last["hospitals"][hospital.name]["train_examples"] == hospital.train.size
         assert last["hospitals"][hospital.name]["num_examples"] == hospital.held_out.size
+
+
+def test_one_exchange_a_round_evaluates_what_the_hospitals_received(run) -> None:  # type: ignore[no-untyped-def]
+    # each training reply carries the hospital's evaluation of the model it was sent, so a
+    # row describes the previous round's model; the last row the final model (one more
+    # exchange at the end), with the carried evaluation of the round before beside it
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[1]
+    assert first["evaluated_round"] == 0
+    assert "evaluated_round" not in last
+    assert last["previous_evaluation"]["round"] == 1
+    assert last["previous_evaluation"]["eval_accuracy"] != last["eval_accuracy"]
+    # checked independently: the initial model (a function of architecture and seed) and the
+    # final model.pt, evaluated here on each hospital's held-out records
+    config = json.loads((run.run_dir / "config.json").read_text())
+    data = load_dataset(config["dataset"])
+    split = FederatedSplit.from_json(json.loads((run.run_dir / "partitions.json").read_text()))
+    initial = build(config["model"], **config["model-args"])
+    initial.load_state_dict(
+        {
+            k: torch.from_numpy(v)
+            for k, v in initial_state(
+                config["model"], config["seed"], **config["model-args"]
+            ).items()
+        }
+    )
+    final = build(config["model"], **config["model-args"])
+    final.load_state_dict(torch.load(run.run_dir / "model.pt", weights_only=True))
+    for hospital in split.hospitals:
+        loader = make_loader(
+            data.features[hospital.held_out],
+            data.labels[hospital.held_out],
+            batch_size=512,
+            shuffle=False,
+        )
+        for model, row in ((initial, first), (final, last)):
+            stats = evaluate(
+                model, loader, criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu")
+            )
+            assert row["hospitals"][hospital.name]["eval_accuracy"] == pytest.approx(stats.accuracy)
 
 
 def test_resume_continues_from_the_checkpoint(run) -> None:  # type: ignore[no-untyped-def]
