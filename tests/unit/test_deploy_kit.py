@@ -9,13 +9,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import flwr
 import pytest
 import yaml
 
 import fedpriv
 from fedpriv.client.site import SITE_KEYS, SiteSettings, load_site_file
-from fedpriv.privacy.he import PUBLIC_FILE, SECRET_FILE
+from fedpriv.privacy.he import SECRET_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -36,17 +35,36 @@ def _flag(args: list[str], name: str) -> str:
     raise AssertionError(f"{name} not in {args}")
 
 
-def test_dockerfiles_build_on_this_flower_and_tag_the_images_the_kit_uses() -> None:
+def _defaults(text: str) -> str:
+    """Compose's ``${NAME:-default}`` read with its default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
+def _source(mounts: dict[str, str], path: str) -> str:
+    """The host path a container path comes from, through the deepest mount above it."""
+    target = max((t for t in mounts if path == t or path.startswith(t.rstrip("/") + "/")), key=len)
+    return mounts[target] + path[len(target) :]
+
+
+def test_images_are_built_with_the_makefiles_torch_and_tagged_as_the_kit_uses() -> None:
+    build = (DEPLOY / "build-images.sh").read_text()
+    makefile_torch = re.search(r"TORCH \?= (\S+)", (ROOT / "Makefile").read_text())
+    assert makefile_torch
+    assert f'TORCH="${{TORCH:-{makefile_torch.group(1)}}}"' in build
+    assert f'IMAGE_TAG="${{IMAGE_TAG:-{fedpriv.__version__}}}"' in build
+    assert 'image="fedpriv/$role:$IMAGE_TAG"' in build
     for role in ("superlink", "supernode"):
         text = (DEPLOY / f"{role}.Dockerfile").read_text()
-        assert f"FROM flwr/{role}:{flwr.__version__}" in text
-        assert f"-t fedpriv/{role}:{fedpriv.__version__}" in text
-        makefile_torch = re.search(r"TORCH \?= (\S+)", (ROOT / "Makefile").read_text())
-        assert makefile_torch and makefile_torch.group(1) in text
+        assert f'ARG TORCH="{makefile_torch.group(1)}"' in text
+        assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text
+        # the containers run as the fixed unprivileged user the site's files are given to
+        assert "USER ${APP_UID}:${APP_UID}" in text
+    # only the coordinator listens; a hospital's SuperNode only connects out
+    assert "EXPOSE" not in (DEPLOY / "supernode.Dockerfile").read_text()
 
 
 def test_compose_pilot_matches_the_code() -> None:
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose = yaml.safe_load(_defaults((DEPLOY / "compose.yaml").read_text()))
     services = compose["services"]
     superlink_cmd = (DEPLOY / "superlink.Dockerfile").read_text()
     port = re.search(r'"--port", "(\d+)"', superlink_cmd).group(1)  # type: ignore[union-attr]
@@ -62,17 +80,18 @@ def test_compose_pilot_matches_the_code() -> None:
         site = SiteSettings.from_node_config(config)
         assert site.hospital_name == name and site.require_dp
         mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
-        # every path the node config names is mounted, from the file the tools write
-        assert str(site.data_path.parent) in mounts
-        assert str(site.ledger_path.parent) in mounts  # type: ignore[union-attr]
-        assert mounts[str(site.he_secret_context)].endswith(f"he/{SECRET_FILE}")
-        assert mounts[_flag(args, "--auth-supernode-private-key")].endswith(f"supernodes/{name}")
-        assert mounts[_flag(args, "--root-certificates")].endswith("certs/ca.crt")
+        # every path the node config names is mounted, from this hospital's own files
+        _source(mounts, str(site.data_path))
+        _source(mounts, str(site.ledger_path))
+        assert _source(mounts, str(site.he_secret_context)).endswith(f"{name}/he/{SECRET_FILE}")
+        assert f"/{name}/" in _source(mounts, _flag(args, "--auth-supernode-private-key"))
+        assert _source(mounts, _flag(args, "--root-certificates")).endswith("ca.crt")
     link_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["superlink"]["volumes"]}
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
         target = re.search(rf'"{flag}", "([^"]+)"', superlink_cmd).group(1)  # type: ignore[union-attr]
-        assert target in link_mounts
-    assert link_mounts[f"/secrets/{PUBLIC_FILE}"].endswith(f"he/{PUBLIC_FILE}")
+        assert _source(link_mounts, target).startswith(link_mounts["/certs"])
+    # the coordinator gets its own copy of the public CKKS context, never a hospital's
+    assert link_mounts["/he"].endswith("mounts/superlink/he")
 
 
 @pytest.mark.parametrize("manifest", ["coordinator.yaml", "hospital.yaml"])
