@@ -3,7 +3,6 @@ tests/integration/test_flower_interop.py)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ from fedpriv.client.interop import (
 from fedpriv.config import RunConfig
 from fedpriv.models import build
 from fedpriv.server.interop import read_flower_reply
-from fedpriv.server.progress import round_line
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -178,28 +176,3 @@ def test_fedprivs_own_reply_passes_unchanged() -> None:
     content = RecordDict({msg.HOSPITAL: record, msg.METRICS: MetricRecord({"loss": 1.0})})
     reply = read_flower_reply(_reply(MessageType.EVALUATE, content))
     assert dict(reply.content[msg.METRICS]) == {"loss": 1.0}
-
-
-def test_a_round_line_shows_accuracy_epsilons_and_declines() -> None:
-    row = json.loads(
-        json.dumps(
-            {
-                "round": 2,
-                "eval_accuracy": 0.91234,
-                "eval_loss": 0.25,
-                "test_accuracy": None,
-                "hospitals": {"a": {"train_examples": 5}, "b": {"num_examples": 3}},
-                "epsilon": {"a": 1.5, "b": 1.25},
-                "epsilon_exact": False,
-                "declined": {"b": "b declines the round:\n cap epsilon 2"},
-                "failed": {},
-                "seconds": 3.14,
-            }
-        )
-    )
-    line = round_line(row, 5)
-    assert line.startswith("round 2/5: federated accuracy 0.912 (loss 0.250)")
-    assert "| 1 trained |" in line and "central test" not in line
-    assert "epsilon per hospital (upper bounds): a 1.500, b 1.250" in line
-    assert "declined: b: b declines the round: cap epsilon 2" in line and "failed" not in line
-    assert line.endswith("| 3.1 s")
