@@ -62,10 +62,10 @@ def read_order(message: Message, node_config: Mapping[str, Any]) -> msg.Training
             f"{sorted(message.content.keys())}): send the run's settings there (a stock "
             "strategy's configrecord_key must be 'config')"
         )
-    if from_fedpriv_server(message):
-        return msg.parse_order(record)
     values = dict(record)
     _check_partitions(values, node_config)
+    if from_fedpriv_server(message):
+        return msg.parse_order(record)
     missing = [k for k in (msg.MODEL_NAME, msg.MODEL_ARGS) if k not in values]
     if len(missing) == 1:
         (given,) = {msg.MODEL_NAME, msg.MODEL_ARGS} - set(missing)

@@ -96,6 +96,10 @@ def test_fedprivs_own_order_is_marked_and_read_as_before() -> None:
     assert not from_fedpriv_server(_message({"hospitals": 3}))
     order = read_order(message, SIMULATED)
     assert order.model_args == {"x": 1} and msg.FEDPRIV_SERVER not in order.extra
+    # the same partition check: 5 hospitals' split on 3 simulated SuperNodes is refused
+    five = msg.order_record(RunConfig(hospitals=5), model_name="mlp", model_args={})
+    with pytest.raises(OrderError, match="hospitals=5 but Flower simulates 3"):
+        read_order(_message(five), SIMULATED)
 
 
 def _declining(message: Message, context: Context) -> Message:
