@@ -120,6 +120,8 @@ def _stop_superlink(home: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+# starting a SuperLink, a Ray simulation and training take minutes on a loaded machine
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(FLWR is None, reason="the flwr CLI is not installed")
 def test_flwr_run_runs_the_app_from_pyproject(
     tmp_path: Path, flower_home: tuple[Path, dict[str, str]]
