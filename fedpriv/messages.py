@@ -59,6 +59,9 @@ MODEL_ARGS = "model-args"
 MODE = "update-mode"
 MODE_WEIGHTS = "weights"
 MODE_GRADIENT = "gradient"
+#: set by fedpriv's server: it reads a hospital's decline from its HOSPITAL record; without
+#: it (Flower's own ServerApps) a decline is an Error reply, which stock strategies drop
+FEDPRIV_SERVER = "fedpriv-server"
 AUDIT_THRESHOLDS = "audit-loss-thresholds"
 QUERY = "query"  # which query a QUERY message is
 QUERY_SCHEMA = "schema"
@@ -69,7 +72,13 @@ SCHEMA_CLASSES = "num-classes"
 SCHEMA_EXAMPLES = "num-examples"  # the training examples a site declares before round 1
 SCHEMA_LEDGER_DELTA = "ledger-delta"  # the delta a site's ledger composes at (its policy)
 SCHEMA_LEDGER_CAP = "ledger-budget-epsilon"
-PROTOCOL_KEYS = frozenset({SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE, AUDIT_THRESHOLDS, QUERY})
+PROTOCOL_KEYS = frozenset(
+    {SERVER_ROUND, MODEL_NAME, MODEL_ARGS, MODE, AUDIT_THRESHOLDS, QUERY, FEDPRIV_SERVER}
+)
+
+# Error codes of a hospital's Error reply (Flower's own codes are small integers)
+ERROR_DECLINED = 7101  # it declined the round (budget, site policy): drop it, as a failure
+ERROR_ORDER = 7102  # the server's config record is incomplete or contradicts the node
 
 # MetricRecord keys of a hospital's federated-audit reply (counts only, never scores)
 AUDIT_MEMBERS_LE = "members-at-or-below"
@@ -110,6 +119,7 @@ def order_record(
     record[MODEL_NAME] = model_name
     record[MODEL_ARGS] = json.dumps(dict(model_args), sort_keys=True)
     record[MODE] = mode
+    record[FEDPRIV_SERVER] = True
     return record
 
 
@@ -123,6 +133,7 @@ def parse_order(record: Mapping[str, Any]) -> TrainingOrder:
         mode = str(values.pop(MODE, MODE_WEIGHTS))
         values.pop(AUDIT_THRESHOLDS, None)
         values.pop(QUERY, None)
+        values.pop(FEDPRIV_SERVER, None)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"malformed training order from the server: {exc}") from None
     if mode not in (MODE_WEIGHTS, MODE_GRADIENT):

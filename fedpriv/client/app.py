@@ -22,6 +22,7 @@ from fedpriv.client.hospital import (
     site_settings,
     train_round,
 )
+from fedpriv.client.interop import flower_servers_mod, read_order
 from fedpriv.errors import FedprivError
 from fedpriv.protocols.base import UNUSABLE, AggregateUnusable
 from fedpriv.protocols.secagg import QUERIES as SECAGG_QUERIES
@@ -29,7 +30,8 @@ from fedpriv.protocols.secagg import UNMASK
 
 __all__ = ["app"]
 
-app = ClientApp()
+# the mod turns refused orders (and, to Flower's own ServerApps, declines) into Error replies
+app = ClientApp(mods=[flower_servers_mod])
 
 # context.state: the run's accountant survives across rounds here (the ledger across runs)
 STATE_DP = "fedpriv-dp"
@@ -49,7 +51,7 @@ def _hospital_record(
 
 def _order(message: Message, context: Context) -> msg.TrainingOrder:
     """The server's order, with this site's own choices applied (its device)."""
-    order = msg.parse_order(message.content.config_records[msg.CONFIG])
+    order = read_order(message, context.node_config)  # completed for a stock ServerApp
     order = dataclasses.replace(order, node=int(context.node_id))
     site = site_settings(context.node_config)
     if site is not None and site.device != order.config.device:

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpriv import messages as msg
 from fedpriv.protocols.base import UNUSABLE
 from fedpriv.server.exchange import send_and_receive
+from fedpriv.server.interop import read_flower_reply
 from fedpriv.strategies.fedavg import hospital_name
 
 __all__ = ["RoundOutcome", "run_rounds", "wait_for_hospitals"]
@@ -87,6 +88,7 @@ def _split_replies(
     failed: dict[str, str] = {}
     answered: set[str] = set()
     for reply in replies:
+        read_flower_reply(reply)  # a stock Flower ClientApp's reply, in fedpriv's form
         answered.add(reply.metadata.reply_to_message_id)
         if reply.has_error():
             node = (sent or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

@@ -353,7 +353,10 @@ def build_server_app(
 def flower_logging(run_dir: RunDirectory, *, quiet: bool) -> Iterator[Path]:
     """Send Flower's and fedpriv's log records to ``flower.log`` in the run directory.
 
-    With ``quiet`` the terminal gets none of them (the CLI shows its own progress instead).
+    With ``quiet`` the terminal gets none of them (the CLI shows its own progress instead);
+    without, fedpriv's records also go to Flower's console handler: in a ServerApp process
+    that Flower started, what it writes is what ``flwr run --stream`` and ``flwr log`` show
+    (a handler only on "fedpriv" would keep them in the file).
     """
     path = run_dir.file(FLOWER_LOG)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -361,6 +364,10 @@ def flower_logging(run_dir: RunDirectory, *, quiet: bool) -> Iterator[Path]:
     flwr_logger = logging.getLogger("flwr")
     ours = logging.getLogger("fedpriv")
     saved = (list(flwr_logger.handlers), ours.propagate, ours.level, flwr_logger.propagate)
+    shown = [] if quiet else _flower_console_handlers(flwr_logger)
+    for console in shown:
+        ours.addHandler(console)
+        ours.propagate = False  # a root handler (some libraries add one) would print it twice
     if quiet:
         for existing in list(flwr_logger.handlers):
             flwr_logger.removeHandler(existing)
@@ -375,9 +382,18 @@ def flower_logging(run_dir: RunDirectory, *, quiet: bool) -> Iterator[Path]:
     finally:
         flwr_logger.removeHandler(handler)
         ours.removeHandler(handler)
+        for console in shown:
+            ours.removeHandler(console)
         handler.close()
         if quiet:
             for existing in saved[0]:
                 if existing not in flwr_logger.handlers:
                     flwr_logger.addHandler(existing)
         ours.propagate, ours.level, flwr_logger.propagate = saved[1], saved[2], saved[3]
+
+
+def _flower_console_handlers(flwr_logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers Flower writes its own terminal lines with (its ConsoleHandler)."""
+    from flwr.common.logger import ConsoleHandler
+
+    return [h for h in flwr_logger.handlers if isinstance(h, ConsoleHandler)]

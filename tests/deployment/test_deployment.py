@@ -4,6 +4,7 @@ TLS and SuperNode authentication on, DP and HE on."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from fedpriv.cli import app
 from fedpriv.models import build
 from fedpriv.privacy.ledger import Ledger
 from tests.deployment.conftest import HOSPITALS
-from tests.deployment.federation import Federation
+from tests.deployment.federation import CONNECTION, Federation
 from tests.report_browser import check_report
 
 pytestmark = pytest.mark.timeout(600)
@@ -42,6 +43,13 @@ def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, A
     seconds = time.monotonic() - started
     assert status["status"] == "finished:completed", (status, federation.log("superlink")[-3000:])
     run = kit["base"] / "runs" / "secure"
+    # the run wrote its own report, and its log (what `flwr run --stream` shows) has the
+    # rounds, each site's epsilon and the run directory
+    assert (run / "report.html").is_file(), "a deployment run writes report.html itself"
+    shown = federation.flwr("log", str(run_id), CONNECTION, "--show").stdout
+    assert f"run directory: {run.resolve()}" in shown, shown[-3000:]
+    for hospital in HOSPITALS:
+        assert re.search(rf"round 2/2: .*{hospital} \d", shown), shown[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert set(rows[-1]["hospitals"]) == set(HOSPITALS)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,8 +47,55 @@ def flower_home(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    yield home, env
-    _stop_superlink(home)
+    _start_local_superlink(home, env)
+    try:
+        yield home, env
+    finally:
+        _stop_superlink(home)
+
+
+def _start_local_superlink(home: Path, env: dict[str, str]) -> None:
+    """Start the SuperLink `flwr run` would start for ":local:", and wait for it here: Flower
+    gives its own start 15 s and kills it after, which a loaded machine misses."""
+    runtime = home / "local-superlink"
+    runtime.mkdir()
+    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    command = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--log-file",
+        str(runtime / "superlink.log"),
+        "--database",
+        str(runtime / "state.db"),
+    ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (runtime / "superlink.log").read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the local SuperLink did not start within 180 s")
 
 
 def _stop_superlink(home: Path) -> None:
@@ -72,51 +120,45 @@ def _stop_superlink(home: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+# starting a SuperLink, a Ray simulation and training take minutes on a loaded machine
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(FLWR is None, reason="the flwr CLI is not installed")
 def test_flwr_run_runs_the_app_from_pyproject(
     tmp_path: Path, flower_home: tuple[Path, dict[str, str]]
 ) -> None:
+    """`flwr run . --stream`, as a researcher types it: the terminal shows fedpriv's rounds,
+    federated accuracy, each hospital's epsilon and the run directory, and the run leaves
+    report.html beside its metrics (before, the stream showed nothing of fedpriv)."""
     _, env = flower_home
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "runs"
     run_config = f'hospitals=3 rounds=2 out="{out}" run-name="flwr"'
-    submit = subprocess.run(
-        [
-            str(FLWR),
-            "run",
-            str(ROOT),
-            "--format",
-            "json",
-            "--run-config",
-            run_config,
-            "--federation-config",
-            "num-supernodes=3 client-resources-num-cpus=1",
-        ],
+    # --stream follows the run's log until it ends (and exits 0 either way: check the
+    # status after)
+    command = [
+        str(FLWR),
+        "run",
+        str(ROOT),
+        "--stream",
+        "--run-config",
+        run_config,
+        "--federation-config",
+        "num-supernodes=3 client-resources-num-cpus=1",
+    ]
+    streamed = subprocess.run(
+        command,
         cwd=work,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=360,
         stdin=subprocess.DEVNULL,
     )
-    assert submit.returncode == 0, submit.stderr
-    reply = json.loads(submit.stdout)
-    assert reply.get("success"), reply
-    run_id = str(reply["run-id"])
-    # `flwr log` streams until the run ends (it exits 0 either way, so check the status after)
-    log = subprocess.run(
-        [str(FLWR), "log", run_id],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        stdin=subprocess.DEVNULL,
-    )
+    assert streamed.returncode == 0, streamed.stderr
     status = json.loads(
         subprocess.run(
-            [str(FLWR), "ls", "--run-id", run_id, "--format", "json"],
+            [str(FLWR), "ls", "--format", "json"],
             cwd=work,
             env=env,
             capture_output=True,
@@ -125,7 +167,8 @@ def test_flwr_run_runs_the_app_from_pyproject(
             stdin=subprocess.DEVNULL,
         ).stdout
     )
-    assert status["runs"][0]["status"] == "finished:completed", (status, log.stdout[-3000:])
+    shown = streamed.stdout
+    assert status["runs"][0]["status"] == "finished:completed", (status, shown[-3000:])
     run_dir = out / "flwr"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -133,3 +176,14 @@ def test_flwr_run_runs_the_app_from_pyproject(
     assert (run_dir / "model.pt").is_file() and (run_dir / "partitions.json").is_file()
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["dataset"] == "breast-cancer", "the defaults come from pyproject.toml"
+    # what the researcher saw: the run directory, every round with its federated accuracy
+    # and each hospital's epsilon (as metrics.jsonl holds them), and where the report is
+    assert f"run directory: {run_dir.resolve()}" in shown, shown[-3000:]
+    for row in rows:
+        line = next((x for x in shown.splitlines() if f"round {row['round']}/2: " in x), None)
+        assert line is not None, shown[-3000:]
+        assert f"federated accuracy {row['eval_accuracy']:.3f}" in line, line
+        for hospital, epsilon in row["epsilon"].items():
+            assert f"{hospital} {epsilon:.3f}" in line, line
+    assert (run_dir / "report.html").is_file(), "a flwr run writes its report like simulate"
+    assert f"report: {(run_dir / 'report.html').resolve()}" in shown, shown[-3000:]
