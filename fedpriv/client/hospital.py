@@ -32,7 +32,7 @@ from fedpriv.privacy.dp import (
     DpPlan,
     PoissonUnits,
     make_private,
-    plan_dp,
+    plan_for_run,
     reseed_from_os,
     resolve_grad_sample_mode,
 )
@@ -300,19 +300,7 @@ def _seed(order: msg.TrainingOrder, data: HospitalData) -> int:
 
 def plan_for(order: msg.TrainingOrder, patients: int) -> DpPlan:
     """Calibrate the run's noise for a hospital with ``patients`` patients in training."""
-    config = order.config
-    return plan_dp(
-        num_records=patients,
-        batch_size=config.batch_size,
-        local_epochs=config.local_epochs,
-        rounds=config.rounds,
-        one_step_per_round=order.mode == msg.MODE_GRADIENT,
-        target_epsilon=config.epsilon,
-        delta=config.delta,
-        accountant=config.accountant,
-        max_grad_norm=config.max_grad_norm,
-        noise_multiplier=config.noise_multiplier,
-    )
+    return plan_for_run(order.config, patients, one_step_per_round=order.mode == msg.MODE_GRADIENT)
 
 
 def train_round(

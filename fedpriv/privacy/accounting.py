@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ __all__ = [
     "epsilon_from_rdp",
     "merge_events",
     "plan_dp",
+    "plan_for_run",
     "rdp_of",
     "rdp_per_step",
 ]
@@ -297,6 +299,23 @@ def plan_dp(
 
 
 @functools.lru_cache(maxsize=256)
+def plan_for_run(config: Any, num_records: int, *, one_step_per_round: bool) -> DpPlan:
+    """:func:`plan_dp` with a run configuration's settings (a ``RunConfig``): the noise a
+    hospital with ``num_records`` training units calibrates for itself."""
+    return plan_dp(
+        num_records=num_records,
+        batch_size=config.batch_size,
+        local_epochs=config.local_epochs,
+        rounds=config.rounds,
+        one_step_per_round=one_step_per_round,
+        target_epsilon=config.epsilon,
+        delta=config.delta,
+        accountant=config.accountant,
+        max_grad_norm=config.max_grad_norm,
+        noise_multiplier=config.noise_multiplier,
+    )
+
+
 def calibrate_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:

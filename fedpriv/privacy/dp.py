@@ -29,6 +29,7 @@ from fedpriv.privacy.accounting import (
     calibrate_noise,
     compose_epsilon,
     plan_dp,
+    plan_for_run,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "compose_epsilon",
     "make_private",
     "plan_dp",
+    "plan_for_run",
     "reseed_from_os",
     "resolve_grad_sample_mode",
 ]

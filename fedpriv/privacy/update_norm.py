@@ -34,7 +34,7 @@ import dataclasses
 import math
 from typing import Any
 
-from fedpriv.privacy.accounting import plan_dp
+from fedpriv.privacy.accounting import plan_for_run
 
 __all__ = ["FAILURE", "UpdateBound", "dp_sgd_update_bound", "run_update_bound"]
 
@@ -93,23 +93,12 @@ def dp_sgd_update_bound(
 
 def run_update_bound(config: Any, *, units: int, parameters: int) -> UpdateBound | None:
     """The bound for a hospital training ``units`` units under the run's settings (the noise
-    it will calibrate for itself, its sample rate and steps: :func:`plan_dp`), on a model of
+    it will calibrate for itself, its sample rate and steps: :func:`plan_for_run`), on a model of
     ``parameters`` values; None without DP-SGD at the hospitals (nothing bounds the update)."""
     if not config.sample_level_dp:
         return None
     gradient = config.strategy == "fedsgd"  # one step at learning rate 1, scaled by server-lr
-    plan = plan_dp(
-        num_records=units,
-        batch_size=config.batch_size,
-        local_epochs=config.local_epochs,
-        rounds=config.rounds,
-        one_step_per_round=gradient,
-        target_epsilon=config.epsilon,
-        delta=config.delta,
-        accountant=config.accountant,
-        max_grad_norm=config.max_grad_norm,
-        noise_multiplier=config.noise_multiplier,
-    )
+    plan = plan_for_run(config, units, one_step_per_round=gradient)
     return dp_sgd_update_bound(
         lr=1.0 if gradient else config.lr,
         momentum=0.0 if gradient else config.momentum,

@@ -72,18 +72,10 @@ def noise_multiplier(
         return float(report["noise_multiplier"])
     if config.noise_multiplier > 0:
         return config.noise_multiplier
-    from fedpriv.privacy.dp import plan_dp
+    from fedpriv.privacy.dp import plan_for_run
 
-    return plan_dp(
-        num_records=max(1, records),
-        batch_size=config.batch_size,
-        local_epochs=config.local_epochs,
-        rounds=config.rounds,
-        one_step_per_round=config.strategy == "fedsgd",
-        target_epsilon=config.epsilon,
-        delta=config.delta,
-        accountant=config.accountant,
-        max_grad_norm=config.max_grad_norm,
+    return plan_for_run(
+        config, max(1, records), one_step_per_round=config.strategy == "fedsgd"
     ).noise_multiplier
 
 
