@@ -43,6 +43,8 @@ SITE_KEYS = (
     "device",
     "he-secret-context",
     "require-dp",
+    "warm-worker",
+    "warm-worker-idle",
 )
 
 
@@ -63,6 +65,10 @@ class SiteSettings:
     #: the federation's schema.toml (this site's copy): features normalised by its public
     #: ranges, the file checked against it; None: standardised with this file's own statistics
     schema_path: Path | None = None
+    #: serve this site's messages from one long-lived process (fedpriv.client.warm)
+    warm_worker: bool = True
+    #: seconds without a message before that process stops
+    warm_worker_idle: float = 600.0
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSettings:
@@ -100,6 +106,9 @@ class SiteSettings:
         ledger = values.get("ledger-path")
         he = values.get("he-secret-context")
         schema = values.get("schema-path")
+        from fedpriv.client.warm import settings as warm_settings
+
+        warm_worker, warm_worker_idle = warm_settings(values)
         return cls(
             hospital_name=name,
             data_path=data_path,
@@ -112,6 +121,8 @@ class SiteSettings:
             he_secret_context=Path(str(he)).expanduser() if he else None,
             require_dp=bool(require_raw),
             schema_path=Path(str(schema)).expanduser() if schema else None,
+            warm_worker=warm_worker,
+            warm_worker_idle=warm_worker_idle,
         )
 
     def load_schema(self) -> Schema | None:
@@ -203,6 +214,12 @@ def check_site(node_config: Mapping[str, Any], schema: Schema | None = None) -> 
         + f", {data.num_classes} classes, features {tuple(data.features.shape[1:])}"
     )
     found.append(f"normalisation: {data.normalisation}")
+    found.append(
+        f"warm-worker: on (one process serves this site's messages; stops after "
+        f"{site.warm_worker_idle:g} s idle)"
+        if site.warm_worker
+        else "warm-worker: off (each message imports PyTorch and reads the data again)"
+    )
     if schema is None and data.kind == "tabular":
         found.append(
             "note: no schema-path: this file's features mean something different from another "

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, Message, RecordDict
 
-from fedpriv.client.app import handle_query
+from fedpriv.client.handlers import handle_query
 from fedpriv.client.site import check_site
 from fedpriv.config import RunConfig
 from fedpriv.errors import ConfigError
