@@ -182,6 +182,13 @@ def run_rounds(
             order[msg.EVALUATE_RECEIVED] = True
         train_messages = list(strategy.configure_train(server_round, arrays, order, grid))
         replies = list(send_and_receive(grid, train_messages, timeout=timeout))
+        logger.info(
+            "round %d: %d of %d replies after %.1f s",
+            server_round,
+            len(replies),
+            len(train_messages),
+            time.perf_counter() - started,
+        )
         ok, declined, failed = _split_replies(replies, _destinations(train_messages))
         privacy = _privacy_reports(replies)
         for who, reason in declined.items():

@@ -71,3 +71,53 @@ def test_a_grid_that_only_exchanges_is_used_as_it_is() -> None:
             return [f"reply to {m}" for m in messages]
 
     assert send_and_receive(_Exchanging(), ["a"], timeout=1) == ["reply to a"]  # type: ignore[arg-type]
+
+
+def test_on_a_real_superlink_the_server_backs_off_while_nothing_arrives() -> None:
+    """No ``pull_interval`` (HttpGrid): 0.1 s after a push or a reply, growing to 1 s while
+    the hospitals work: a few pulls for a 6 s wait (a fixed 0.1 s would make 60), and the
+    last reply is picked up within about a second."""
+    grid = _Grid([0.2, 6.0])
+    started = time.monotonic()
+    replies = send_and_receive(grid, ["a", "b"], timeout=30)
+    seconds = time.monotonic() - started
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert 6.0 <= seconds < 7.3, seconds
+    assert 6 <= grid.pulls <= 16, grid.pulls
+
+
+def test_a_reply_still_uploading_is_pulled_within_a_fraction_of_a_second() -> None:
+    """Flower's own HttpGrid module and its real ``pull_objects``: an object that turns up
+    0.3 s after the first try costs Flower's default backoff about a second (1 s, then 2 s,
+    ...), the quickened one under half a second; the patch is applied once."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+    from flwr.superlink.grid import http_grid
+
+    from fedpriv.server.exchange import quicken_object_pulls
+
+    def late_object(delay: float) -> Any:
+        started = time.monotonic()
+
+        def pull(object_id: str) -> bytes:
+            if time.monotonic() - started < delay:
+                raise ObjectUnavailableError(object_id)
+            return b"model"
+
+        return pull
+
+    original = http_grid.pull_objects
+    try:
+        started = time.monotonic()
+        assert original(["a"], late_object(0.3)) == {"a": b"model"}
+        flower_seconds = time.monotonic() - started
+
+        grid = http_grid.HttpGrid.__new__(http_grid.HttpGrid)  # no SuperLink needed
+        assert quicken_object_pulls(grid)
+        assert not quicken_object_pulls(grid)  # once
+        started = time.monotonic()
+        assert http_grid.pull_objects(["a"], late_object(0.3)) == {"a": b"model"}
+        quick_seconds = time.monotonic() - started
+    finally:
+        http_grid.pull_objects = original
+    assert flower_seconds >= 0.75, flower_seconds
+    assert quick_seconds < 0.6, quick_seconds
