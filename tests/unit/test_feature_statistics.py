@@ -1,0 +1,242 @@
+"""Normalisation from federated statistics: the mechanism (sensitivity by brute force,
+clipping, patients with several records, the noise's scale, the combination against numpy
+on the pooled records), the hospital's release (ledger, once per run, refusals), and the
+accounting of release plus DP-SGD against Google's dp-accounting."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpriv.config import STATS_SHARE, RunConfig
+from fedpriv.data.schema import CATEGORICAL, Feature, Label, Schema
+from fedpriv.errors import ConfigError
+from fedpriv.privacy.statistics import (
+    COUNT_WEIGHT,
+    SCALE_FLOOR,
+    StatisticsMechanism,
+)
+
+SCHEMA = Schema(
+    features=(
+        Feature("age", minimum=0, maximum=100),
+        Feature("sex", kind=CATEGORICAL, categories=(1.0, 2.0)),
+        Feature("bp", minimum=50, maximum=250),
+    ),
+    labels=(Label("0"), Label("1")),
+)
+
+
+def _mechanism(noise: float = 1.0) -> StatisticsMechanism:
+    return StatisticsMechanism.for_schema(SCHEMA, noise)
+
+
+def test_categorical_features_are_not_released_and_keep_the_schemas_mapping() -> None:
+    mechanism = _mechanism()
+    assert mechanism.names == ("age", "bp") and mechanism.columns == (0, 2)
+    assert mechanism.width == 5
+    reference = SCHEMA.with_reference({"age": (40.0, 10.0), "bp": (120.0, 20.0)})
+    raw = np.array([[50.0, 2.0, 140.0]])
+    assert np.allclose(reference.normalise(raw), [[1.0, 1.0, 1.0]])  # sex: 2nd of 2 -> 1
+    with pytest.raises(ConfigError, match="lacks the schema's feature 'bp'"):
+        SCHEMA.with_reference({"age": (40.0, 10.0)})
+    only_categories = Schema(features=(SCHEMA.features[1],), labels=SCHEMA.labels)
+    with pytest.raises(ConfigError, match="at least one numeric feature"):
+        StatisticsMechanism.for_schema(only_categories, 1.0)
+
+
+def test_sensitivity_is_the_largest_patient_contribution_by_brute_force() -> None:
+    """Every corner of the ranges (and beyond them: clipped), one record or several: no
+    patient's row is longer than the sensitivity, and the corners reach it."""
+    mechanism = _mechanism()
+    corners = [
+        [age, 1.0, bp] for age, bp in itertools.product((-30, 0, 100, 170), (0, 50, 250, 999))
+    ]
+    rng = np.random.default_rng(0)
+    inside = np.column_stack(
+        [rng.uniform(0, 100, 500), rng.integers(1, 3, 500), rng.uniform(50, 250, 500)]
+    )
+    raw = np.vstack([corners, inside])
+    rows = mechanism.contributions(raw, np.arange(raw.shape[0]))
+    norms = np.linalg.norm(rows, axis=1)
+    assert norms.max() <= mechanism.sensitivity + 1e-12
+    assert np.isclose(norms[: len(corners)].max(), mechanism.sensitivity)
+    # a patient with many records still contributes one row of at most that length
+    many = mechanism.contributions(raw, np.zeros(raw.shape[0], dtype=np.int64))
+    assert many.shape == (1, 5) and np.linalg.norm(many) <= mechanism.sensitivity
+    assert many[0, 0] == COUNT_WEIGHT  # one patient, counted once
+    # adding a patient changes the sums by its row: the sensitivity bounds that change
+    with_one = mechanism.exact_sums(raw[:10], np.arange(10))
+    without = mechanism.exact_sums(raw[1:10], np.arange(9))
+    assert np.linalg.norm(with_one - without) <= mechanism.sensitivity + 1e-12
+
+
+def test_values_outside_the_public_range_are_clipped_to_it() -> None:
+    mechanism = _mechanism()
+    far = mechanism.contributions(np.array([[-50.0, 1.0, 900.0]]), np.array([0]))
+    edge = mechanism.contributions(np.array([[0.0, 1.0, 250.0]]), np.array([0]))
+    assert np.array_equal(far, edge)
+
+
+def test_the_noise_is_gaussian_at_noise_multiplier_times_sensitivity() -> None:
+    mechanism = _mechanism(noise=3.0)
+    raw = np.array([[30.0, 1.0, 120.0], [60.0, 2.0, 180.0]])
+    exact = mechanism.exact_sums(raw, np.arange(2))
+    rng = np.random.default_rng(1)
+    noise = np.stack([mechanism.release(raw, np.arange(2), rng) - exact for _ in range(4000)])
+    assert mechanism.sigma == pytest.approx(3.0 * mechanism.sensitivity)
+    assert np.allclose(noise.std(axis=0), mechanism.sigma, rtol=0.05)
+    assert np.allclose(noise.mean(axis=0), 0.0, atol=0.1 * mechanism.sigma)
+
+
+def test_the_combination_of_site_sums_is_the_pooled_mean_and_deviation() -> None:
+    """Without noise worth the name, the server's centre and scale are numpy's mean and
+    standard deviation over all sites' records, though no one computed them over those."""
+    rng = np.random.default_rng(2)
+    sites = [
+        np.column_stack(
+            [rng.normal(mu, 12, n).clip(0, 100), rng.integers(1, 3, n), rng.normal(140, 25, n)]
+        )
+        for mu, n in ((35, 80), (55, 120), (70, 60))
+    ]
+    mechanism = _mechanism(noise=1e-9)
+    releases = [mechanism.release(s, np.arange(len(s)), rng) for s in sites]
+    combined = mechanism.combine(releases)
+    pooled = np.vstack(sites)
+    assert combined.patients == pytest.approx(260)
+    for j, name in ((0, "age"), (2, "bp")):
+        centre, scale = combined.reference[name]
+        assert centre == pytest.approx(pooled[:, j].mean(), rel=1e-6)
+        assert scale == pytest.approx(pooled[:, j].std(), rel=1e-6)
+    assert combined.floored == ()
+    assert json.loads(combined.dumps())["age"] == list(combined.reference["age"])
+
+
+def test_a_variance_lost_in_noise_or_zero_becomes_the_floor() -> None:
+    mechanism = _mechanism(noise=1e-9)
+    constant = np.column_stack([np.full(50, 40.0), np.ones(50), np.full(50, 120.0)])
+    combined = mechanism.combine(
+        [mechanism.release(constant, np.arange(50), np.random.default_rng(3))]
+    )
+    assert combined.floored == ("age", "bp")
+    assert combined.reference["age"] == pytest.approx((40.0, SCALE_FLOOR * 100))
+    assert combined.reference["bp"][1] == pytest.approx(SCALE_FLOOR * 200)
+    with pytest.raises(ConfigError, match="expected 5 numbers"):
+        mechanism.check([1.0, 2.0], who="hospital-0")
+    with pytest.raises(ConfigError, match="non-finite"):
+        mechanism.check([1.0, 2.0, 3.0, float("nan"), 4.0], who="hospital-0")
+
+
+def test_the_run_configuration_splits_epsilon_and_refuses_a_release_larger_than_it() -> None:
+    config = RunConfig(normalisation="federated", epsilon=4.0)
+    assert config.stats_epsilon == pytest.approx(STATS_SHARE * 4.0)
+    assert RunConfig(normalisation="federated", stats_epsilon=0.5).stats_epsilon == 0.5
+    assert RunConfig().stats_epsilon == 0.0  # no release, no share
+    with pytest.raises(ConfigError, match="stats-epsilon 4 must be below epsilon 4"):
+        RunConfig(normalisation="federated", stats_epsilon=4.0)
+
+
+def test_a_hospital_releases_once_per_run_recorded_in_its_ledger(tmp_path: Path) -> None:
+    """The release is a ledger event on every training patient (sample rate 1, one step),
+    recorded before the noisy sums exist; a second request for the run is refused."""
+    from fedpriv.client.hospital import local_data, privacy_state
+    from fedpriv.client.statistics import release_statistics
+    from fedpriv.privacy.accounting import statistics_noise
+    from fedpriv.privacy.ledger import Ledger
+
+    config = RunConfig(
+        dataset="breast-cancer",
+        hospitals=3,
+        normalisation="federated",
+        accountant="rdp",
+        out=str(tmp_path),
+        run_name="stats",
+        insecure_dp_seed=0,
+    )
+    node = {"partition-id": 1}
+    data = local_data(config, node, for_statistics=True)
+    privacy = privacy_state(config, node, data.name)
+    release = release_statistics(config, data, privacy=privacy)
+    assert release.sums is not None and not release.declined
+    noise = statistics_noise(config.stats_epsilon, config.delta, "rdp")
+    assert release.noise_multiplier == noise
+    (event,) = Ledger.open(privacy.ledger_path).events()
+    assert (event.hospital, event.round, event.run_id) == (data.name, 0, "stats")
+    assert (event.noise_multiplier, event.sample_rate, event.steps) == (noise, 1.0, 1)
+    assert release.epsilon == pytest.approx(config.stats_epsilon, rel=0.1)
+    again = release_statistics(config, data, privacy=privacy)
+    assert again.sums is None and "already released" in again.declined
+    assert len(Ledger.open(privacy.ledger_path).events()) == 1  # never charged twice
+    # training orders without the run's statistics are refused, not silently schema-mapped
+    with pytest.raises(ConfigError, match="carries none"):
+        local_data(config, node)
+
+
+def test_a_site_file_without_a_schema_column_is_refused_naming_it(tmp_path: Path) -> None:
+    from fedpriv.client.hospital import local_data
+    from fedpriv.data import load_schema
+
+    schema_file = tmp_path / "schema.toml"
+    SCHEMA.save(schema_file)
+    data = tmp_path / "site.csv"
+    data.write_text(
+        "patient,age,sex,label\n" + "\n".join(f"p{i},{30 + i},1,{i % 2}" for i in range(20))
+    )
+    node = {
+        "data-path": str(data),
+        "patient-column": "patient",
+        "hospital-name": "st-mary",
+        "schema-path": str(schema_file),
+    }
+    digest = load_schema(schema_file).digest
+    run = RunConfig(deployment=True, normalisation="federated", schema_digest=digest)
+    with pytest.raises(ConfigError, match="column 'bp' is missing") as refused:
+        local_data(run, node, for_statistics=True)
+    assert "\n" not in str(refused.value)
+    del node["schema-path"]
+    with pytest.raises(ConfigError, match="'schema-path' is missing"):
+        local_data(run.replace(schema_digest=""), node, for_statistics=True)
+
+
+def _google_epsilon(events: list[tuple[float, float, int]], delta: float) -> float:
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in events:
+        accountant.compose(
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps
+            )
+        )
+    return float(accountant.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("patients", [73, 230])  # breast-cancer's (q = 1) and digits' sizes
+def test_release_and_dp_sgd_together_stay_at_the_runs_epsilon_by_dp_accounting(
+    patients: int,
+) -> None:
+    """Independently of fedpriv's accountant: the release alone is at stats-epsilon, and
+    release plus the whole planned DP-SGD run at the run's epsilon (not above, and not
+    wastefully below), while DP-SGD alone would have been calibrated to less noise."""
+    from fedpriv.privacy.accounting import plan_for_run, statistics_event
+
+    config = RunConfig(normalisation="federated", epsilon=4.0, delta=1e-5)
+    event = statistics_event(config)
+    assert event is not None and (event.sample_rate, event.steps) == (1.0, 1)
+    alone = _google_epsilon([event.as_tuple()], config.delta)
+    # fedpriv's accountant is an upper bound: a little loose on one full-batch Gaussian
+    assert 0.85 * config.stats_epsilon <= alone <= config.stats_epsilon + 0.02
+    plan = plan_for_run(config, patients, one_step_per_round=False)
+    training = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * plan.rounds)
+    composed = _google_epsilon([event.as_tuple(), training], config.delta)
+    assert 0.95 * config.epsilon <= composed <= config.epsilon + 0.02
+    assert plan.planned_epsilon <= config.epsilon
+    without = plan_for_run(RunConfig(epsilon=4.0), patients, one_step_per_round=False)
+    assert plan.noise_multiplier > without.noise_multiplier
+    # the default share costs DP-SGD a few percent of noise, not a quarter
+    assert plan.noise_multiplier < 1.08 * without.noise_multiplier
