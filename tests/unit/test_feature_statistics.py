@@ -240,3 +240,12 @@ def test_release_and_dp_sgd_together_stay_at_the_runs_epsilon_by_dp_accounting(
     assert plan.noise_multiplier > without.noise_multiplier
     # the default share costs DP-SGD a few percent of noise, not a quarter
     assert plan.noise_multiplier < 1.08 * without.noise_multiplier
+
+
+def test_a_deployment_needs_the_schema_to_normalise_by_federated_statistics(
+    tmp_path: Path,
+) -> None:
+    from fedpriv.server.prepare import prepare_run
+
+    with pytest.raises(ConfigError, match="normalisation = federated needs the federation's"):
+        prepare_run(RunConfig(deployment=True, normalisation="federated", out=str(tmp_path)))
