@@ -116,6 +116,29 @@ def test_the_combination_of_site_sums_is_the_pooled_mean_and_deviation() -> None
     assert json.loads(combined.dumps())["age"] == list(combined.reference["age"])
 
 
+def test_a_variance_below_the_noise_on_it_becomes_the_noise_floor() -> None:
+    """The server knows the noise: a variance estimate below one standard deviation of the
+    noise on it is not trusted, whatever the estimate says."""
+    mechanism = _mechanism(noise=2.0)
+    rng = np.random.default_rng(4)
+    # ages within 40..41 (a deviation of 0.3 % of the range), blood pressures all over it
+    raw = np.column_stack([rng.uniform(40, 41, 300), np.ones(300), rng.uniform(50, 250, 300)])
+    floored = 0
+    for _ in range(50):  # fresh noise each time
+        releases = [mechanism.release(raw[k::3], np.arange(100), rng) for k in range(3)]
+        combined = mechanism.combine(releases)
+        noise_deviation = np.sqrt(mechanism.sigma * np.sqrt(3) / (4.0 * combined.patients))
+        assert noise_deviation > SCALE_FLOOR  # the noise's level binds here, not the fixed one
+        age_scale = combined.reference["age"][1]
+        assert age_scale >= noise_deviation * 100 - 1e-9
+        if "age" in combined.floored:
+            floored += 1
+            assert age_scale == pytest.approx(noise_deviation * 100)
+        assert "bp" not in combined.floored
+        assert combined.reference["bp"][1] == pytest.approx(200 / np.sqrt(12), rel=0.3)
+    assert floored >= 25  # most of the time the tiny variance is below its noise
+
+
 def test_a_variance_lost_in_noise_or_zero_becomes_the_floor() -> None:
     mechanism = _mechanism(noise=1e-9)
     constant = np.column_stack([np.full(50, 40.0), np.ones(50), np.full(50, 120.0)])
