@@ -207,23 +207,12 @@ def site_settings(node_config: Mapping[str, Any]) -> SiteSettings | None:
     return SiteSettings.from_node_config(node_config)
 
 
-def local_data(
-    config: RunConfig, node_config: Mapping[str, Any], *, for_statistics: bool = False
-) -> HospitalData:
+def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalData:
     """This hospital's records: a real site's own file (node config ``data-path``), split
     into training and held-out records by the run's seed; or, in simulation, its partition
-    of the shared dataset. Under normalisation federated an order without the run's
-    feature statistics is refused, except the query that releases them
-    (``for_statistics``)."""
-    if (
-        config.normalisation == "federated"
-        and not config.feature_statistics
-        and not (for_statistics)
-    ):
-        raise ConfigError(
-            "the run normalises by federated statistics but the server's order carries none "
-            "(feature-statistics): the server gathers them before round 1"
-        )
+    of the shared dataset. Under normalisation federated, before the run's feature
+    statistics exist (the schema query, the release itself), the features are the
+    schema's mapping; nothing trains or evaluates on them (:func:`require_statistics`)."""
     site = site_settings(node_config)
     if site is not None:
         schema = site.load_schema()
@@ -287,6 +276,16 @@ def local_data(
     )
 
 
+def require_statistics(config: RunConfig) -> None:
+    """Refuse to train or evaluate under normalisation federated without the run's feature
+    statistics: the inputs would not be the ones every other hospital uses."""
+    if config.normalisation == "federated" and not config.feature_statistics:
+        raise ConfigError(
+            "the run normalises by federated statistics but the server's order carries none "
+            "(feature-statistics): the server gathers them before round 1"
+        )
+
+
 def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: str) -> PrivacyState:
     """The ledger and its settings: a real site's own node config wins over the run's.
 
@@ -346,6 +345,7 @@ def train_round(
     its update (``side``; plaintext by default): its weights or gradient, a ciphertext, a
     masked vector. ``state`` is Flower's context.state (a protocol's secrets live there)."""
     config = order.config
+    require_statistics(config)
     device = resolve_device(config.device)
     side = side if side is not None else PlainHospital()
     current = side.read(order, arrays)
@@ -623,6 +623,7 @@ def audit_counts(
     from fedpriv.privacy.audit.federated import loss_counts
     from fedpriv.training import per_example_losses
 
+    require_statistics(order.config)
     model = _model(order, (side or PlainHospital()).read(order, arrays).weights)
     device = torch.device("cpu")
     members = data.train_labels.size - len(_planted(order, data))
@@ -659,6 +660,7 @@ def evaluate_round(
     """The global model on this hospital's held-out records (decrypted first under CKKS),
     and the protocol's figures (this is where a round's aggregate is decrypted; the next
     round's training finds it already decrypted)."""
+    require_statistics(order.config)
     device = resolve_device(order.config.device)
     current = (side or PlainHospital()).read(order, arrays)
     loader = make_loader(

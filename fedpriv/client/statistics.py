@@ -66,7 +66,7 @@ def statistics_reply(message: Message, context: Context) -> Message:
     """The QUERY handler's answer to :data:`fedpriv.messages.QUERY_STATISTICS`."""
     order = msg.parse_order(dict(message.content.config_records[msg.CONFIG]))
     config = order.config
-    data = local_data(config, context.node_config, for_statistics=True)
+    data = local_data(config, context.node_config)
     site = site_settings(context.node_config)
     if site is not None and site.require_dp and not config.sample_level_dp:
         release = Release(

@@ -166,7 +166,7 @@ def test_the_run_configuration_splits_epsilon_and_refuses_a_release_larger_than_
 def test_a_hospital_releases_once_per_run_recorded_in_its_ledger(tmp_path: Path) -> None:
     """The release is a ledger event on every training patient (sample rate 1, one step),
     recorded before the noisy sums exist; a second request for the run is refused."""
-    from fedpriv.client.hospital import local_data, privacy_state
+    from fedpriv.client.hospital import local_data, privacy_state, require_statistics
     from fedpriv.client.statistics import release_statistics
     from fedpriv.privacy.accounting import statistics_noise
     from fedpriv.privacy.ledger import Ledger
@@ -181,7 +181,7 @@ def test_a_hospital_releases_once_per_run_recorded_in_its_ledger(tmp_path: Path)
         insecure_dp_seed=0,
     )
     node = {"partition-id": 1}
-    data = local_data(config, node, for_statistics=True)
+    data = local_data(config, node)
     privacy = privacy_state(config, node, data.name)
     release = release_statistics(config, data, privacy=privacy)
     assert release.sums is not None and not release.declined
@@ -196,7 +196,8 @@ def test_a_hospital_releases_once_per_run_recorded_in_its_ledger(tmp_path: Path)
     assert len(Ledger.open(privacy.ledger_path).events()) == 1  # never charged twice
     # training orders without the run's statistics are refused, not silently schema-mapped
     with pytest.raises(ConfigError, match="carries none"):
-        local_data(config, node)
+        require_statistics(config)
+    require_statistics(config.replace(feature_statistics=json.dumps({"age": [1, 2]})))
 
 
 def test_a_site_file_without_a_schema_column_is_refused_naming_it(tmp_path: Path) -> None:
@@ -218,11 +219,11 @@ def test_a_site_file_without_a_schema_column_is_refused_naming_it(tmp_path: Path
     digest = load_schema(schema_file).digest
     run = RunConfig(deployment=True, normalisation="federated", schema_digest=digest)
     with pytest.raises(ConfigError, match="column 'bp' is missing") as refused:
-        local_data(run, node, for_statistics=True)
+        local_data(run, node)
     assert "\n" not in str(refused.value)
     del node["schema-path"]
     with pytest.raises(ConfigError, match="'schema-path' is missing"):
-        local_data(run.replace(schema_digest=""), node, for_statistics=True)
+        local_data(run.replace(schema_digest=""), node)
 
 
 def _google_epsilon(events: list[tuple[float, float, int]], delta: float) -> float:
@@ -272,3 +273,126 @@ def test_a_deployment_needs_the_schema_to_normalise_by_federated_statistics(
 
     with pytest.raises(ConfigError, match="normalisation = federated needs the federation's"):
         prepare_run(RunConfig(deployment=True, normalisation="federated", out=str(tmp_path)))
+
+
+DEPLOYED_SCHEMA = """
+name = "two-numbers"
+[[feature]]
+name = "a"
+kind = "numeric"
+min = 0
+max = 100
+[[feature]]
+name = "b"
+kind = "numeric"
+min = 0
+max = 10
+[[label]]
+code = "0"
+[[label]]
+code = "1"
+"""
+
+
+class _SitesGrid:
+    """The transport only: each query goes to fedpriv's ClientApp query handler of the site
+    it is addressed to (real node configs, files and ledgers); an exception comes back as
+    an Error reply, as Flower's runtime sends it."""
+
+    def __init__(self, sites: dict[int, dict]) -> None:
+        self.sites = sites
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def send_and_receive(self, messages: list, timeout: float) -> list:
+        from flwr.app import Context, Error, Message, RecordDict
+
+        from fedpriv.client.app import handle_query
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config=self.sites[node],
+                state=RecordDict(),
+                run_config={},
+            )
+            try:
+                replies.append(handle_query(message, context))
+            except Exception as exc:  # what Flower's runtime does with any exception
+                error = Error(code=0, reason=f"{type(exc).__name__}: {exc}")
+                replies.append(Message(error, reply_to=message))
+        return replies
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_deployed_sites_release_to_the_server_which_sends_one_normalisation(
+    tmp_path: Path,
+) -> None:
+    """Real sites (node config data-path, their own ledgers): each releases once into its
+    own ledger; a site whose file lacks a schema column is refused with the column's name
+    and the others go on; every site then maps a value to the same input."""
+    from fedpriv.client.hospital import local_data
+    from fedpriv.client.site import check_site
+    from fedpriv.privacy.ledger import Ledger
+    from fedpriv.server.prepare import _prepare_deployment, resolve_model_from_hospitals
+    from fedpriv.server.statistics import STATISTICS_JSON, gather_statistics
+
+    schema = tmp_path / "schema.toml"
+    schema.write_text(DEPLOYED_SCHEMA)
+    rng = np.random.default_rng(5)
+    sites = {}
+    for node, (name, centre) in enumerate((("st-mary", 30), ("county", 60), ("bad", 50)), 1):
+        data = tmp_path / f"{name}.csv"
+        header = "patient,a,label" if name == "bad" else "patient,a,b,label"
+        rows = [
+            f"{name}-{i},{rng.normal(centre, 8):.2f}"
+            + ("" if name == "bad" else f",{rng.uniform(0, 10):.2f}")
+            + f",{i % 2}"
+            for i in range(150)
+        ]
+        data.write_text(header + "\n" + "\n".join(rows) + "\n")
+        site = {
+            "hospital-name": name,
+            "data-path": str(data),
+            "patient-column": "patient",
+            "schema-path": str(schema),
+            "ledger-path": str(tmp_path / f"{name}.sqlite"),
+        }
+        if name != "bad":
+            check_site(site)
+        sites[node] = site
+    grid = _SitesGrid({k: v for k, v in sites.items() if v["hospital-name"] != "bad"})
+    config = RunConfig(
+        deployment=True,
+        schema=str(schema),
+        normalisation="federated",
+        accountant="rdp",
+        out=str(tmp_path / "runs"),
+        run_name="fed",
+    )
+    plan = resolve_model_from_hospitals(grid, _prepare_deployment(config, resume_dir=None))  # type: ignore[arg-type]
+    grid.sites = sites  # the bad site joins for the release
+    plan = gather_statistics(grid, plan)  # type: ignore[arg-type]
+    written = json.loads((plan.run_dir.path / STATISTICS_JSON).read_text())
+    assert written["released"] == 2
+    (failure,) = written["failed"].values()
+    assert "column 'b' is missing" in failure and "\n" not in failure
+    centre, scale = json.loads(plan.config.feature_statistics)["a"]
+    assert 30 < centre < 60 and scale > 5  # two sites around 30 and 60
+    for site in sites.values():
+        if site["hospital-name"] == "bad":
+            continue
+        (event,) = Ledger.open(site["ledger-path"]).events()
+        assert (event.round, event.sample_rate, event.steps) == (0, 1.0, 1)
+        data = local_data(plan.config, site)
+        raw = np.loadtxt(site["data-path"], delimiter=",", skiprows=1, usecols=(1,))
+        expected = (raw - centre) / scale
+        assert np.allclose(
+            np.sort(np.concatenate([data.train_features[:, 0], data.held_out_features[:, 0]])),
+            np.sort(expected),
+            atol=1e-5,
+        )
