@@ -65,6 +65,12 @@ def test_federated_statistics_run_end_to_end_and_are_charged_once(tmp_path: Path
     assert dataset.raw_features is not None
     centre, scale = reference["mean radius"]
     assert np.allclose(dataset.features[:, 0], (dataset.raw_features[:, 0] - centre) / scale)
+    # an auditor reloads the run with the inputs the model was trained and tested on
+    from fedpriv.privacy.audit.run import load_run
+
+    audited = load_run(result.run_dir)
+    assert audited.dataset is not None
+    assert np.allclose(audited.dataset.features, dataset.features)
     # the ledger holds one release per hospital (round 0) before its training round
     event = statistics_event(run_config)
     assert event is not None
