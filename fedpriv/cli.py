@@ -111,8 +111,18 @@ def simulate(
     normalisation: Annotated[
         str | None,
         typer.Option(
-            help="auto (the schema if any), schema (required) or file (per-file "
-            "standardisation: pools every hospital's records)"
+            help="auto (the schema if any), schema (its public ranges or centre/scale; "
+            "required), federated (centre and scale from the hospitals' counts, sums and "
+            "squares within the schema's ranges, DP noise added at each hospital and charged "
+            "to its ledger; needs a schema) or file (per-file standardisation: pools every "
+            "hospital's records)"
+        ),
+    ] = None,
+    stats_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="normalisation federated: epsilon of the statistics release alone; DP-SGD "
+            "gets what keeps both together at --epsilon [a quarter of --epsilon]"
         ),
     ] = None,
     patient_column: Annotated[
@@ -259,6 +269,7 @@ def simulate(
         "label-column": label_column,
         "schema": schema,
         "normalisation": normalisation,
+        "stats-epsilon": stats_epsilon,
         "patient-column": patient_column,
         "rounds": rounds,
         "strategy": strategy,

@@ -23,6 +23,7 @@ __all__ = [
     "DP_RECIPE",
     "PARTITIONS",
     "PLAIN_RECIPE",
+    "STATS_SHARE",
     "Recipe",
     "RunConfig",
     "load_toml",
@@ -34,7 +35,10 @@ ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
 DP_LEVELS = ("sample", "client", "both")
 AGGREGATIONS = ("plain", "ckks", "secagg")
-NORMALISATIONS = ("auto", "schema", "file")
+NORMALISATIONS = ("auto", "schema", "federated", "file")
+#: normalisation "federated": the share of the run's epsilon the feature-statistics release
+#: gets alone when stats-epsilon is 0 (see fedpriv.privacy.statistics for why a quarter)
+STATS_SHARE = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +80,19 @@ class RunConfig:
     #: the federation's schema.toml (features, public ranges, label codes); empty: an
     #: embedded dataset's own, or none for a user file
     schema: str = ""
-    #: auto (by the schema if there is one, else per file, warned), schema (required) or
-    #: file (per-file standardisation: a feature means something different at each site)
+    #: auto (by the schema if there is one, else per file, warned), schema (required),
+    #: federated (centre and scale from the hospitals' DP-noised counts, sums and squares,
+    #: within the schema's ranges) or file (per-file standardisation: a feature means
+    #: something different at each site)
     normalisation: str = "auto"
+    #: normalisation federated: the epsilon of the statistics release alone (at delta); the
+    #: DP-SGD noise is calibrated so that release and training together stay at `epsilon`;
+    #: 0: a quarter of `epsilon` (STATS_SHARE)
+    stats_epsilon: float = 0.0
+    #: normalisation federated: each numeric feature's centre and scale as the server
+    #: combined them from the hospitals' noisy statistics (JSON {feature: [centre, scale]});
+    #: set by the server before round 1, never by hand
+    feature_statistics: str = ""
     #: the digest of the run's schema (set by the server from `schema`): a hospital whose
     #: schema differs refuses to take part
     schema_digest: str = ""
@@ -204,6 +218,19 @@ class RunConfig:
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")
         _check(self.epsilon > 0, f"epsilon must be > 0 (got {self.epsilon})")
         _check(0 < self.delta < 1, f"delta must be in (0, 1) (got {self.delta})")
+        _check(
+            math.isfinite(self.stats_epsilon) and self.stats_epsilon >= 0,
+            f"stats-epsilon must be a finite number >= 0 (got {self.stats_epsilon})",
+        )
+        if self.normalisation == "federated" and self.stats_epsilon == 0:
+            object.__setattr__(self, "stats_epsilon", self.epsilon * STATS_SHARE)
+        _check(
+            self.normalisation != "federated"
+            or not self.sample_level_dp
+            or self.stats_epsilon < self.epsilon,
+            f"stats-epsilon {self.stats_epsilon:g} must be below epsilon {self.epsilon:g}: the "
+            "statistics release and DP-SGD share the run's epsilon",
+        )
         _check(self.max_grad_norm > 0, f"max-grad-norm must be > 0 (got {self.max_grad_norm})")
         _check(self.noise_multiplier >= 0, "noise-multiplier must be >= 0 (0: calibrate)")
         _check(

@@ -42,6 +42,7 @@ METRICS = "metrics"
 HOSPITAL = "hospital"
 PRIVACY = "privacy"  # ConfigRecord: the hospital's privacy spend, as JSON under PRIVACY_JSON
 PROTOCOL = "protocol"  # ConfigRecord: an aggregation protocol's own content (setup, unmasking)
+STATISTICS = "statistics"  # ConfigRecord of a feature-statistics reply (fedpriv.client.statistics)
 PRIVACY_JSON = "json"
 #: MetricRecord in a training reply: the hospital's evaluation of the model it received
 #: (the previous round's aggregate), so a round needs one exchange, not two
@@ -66,6 +67,8 @@ AUDIT_THRESHOLDS = "audit-loss-thresholds"
 QUERY = "query"  # which query a QUERY message is
 QUERY_SCHEMA = "schema"
 QUERY_AUDIT = "audit"
+#: normalisation federated: each hospital's DP release of feature counts, sums and squares
+QUERY_STATISTICS = "feature-statistics"
 SCHEMA = "schema"  # ConfigRecord of a schema reply
 SCHEMA_SHAPE = "input-shape"
 SCHEMA_CLASSES = "num-classes"

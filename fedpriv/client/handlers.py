@@ -174,6 +174,10 @@ def handle_query(message: Message, context: Context) -> Message:
     record = message.content.config_records[msg.CONFIG]
     if record.get(msg.QUERY) == msg.QUERY_SCHEMA:
         return _schema_reply(message, context)
+    if record.get(msg.QUERY) == msg.QUERY_STATISTICS:  # normalisation federated
+        from fedpriv.client.statistics import statistics_reply
+
+        return statistics_reply(message, context)
     order = _order(message, context)
     if record.get(msg.QUERY) in SECAGG_QUERIES:  # a protocol's setup step
         data = local_data(order.config, context.node_config)

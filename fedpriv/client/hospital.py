@@ -93,6 +93,10 @@ class HospitalData:
     #: the classes the model must have: the schema's label list when there is one (a site
     #: may hold only some of its codes); 0: the highest label it holds, plus one
     num_classes: int = 0
+    #: the federation's schema and the training records' raw values in its order (what
+    #: the feature-statistics release bounds and sums); None without a schema
+    schema: Schema | None = None
+    train_raw: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,16 +140,21 @@ def _site_data(
     held_out_fraction: float,
     version: tuple[int, int],
     schema: Schema | None = None,
+    statistics: str = "",
 ) -> HospitalData:
     """``version``: the file's size and time, so a file changed on disk is read again.
-    ``schema``: the site's copy of the federation's (None: standardised per file)."""
+    ``schema``: the site's copy of the federation's (None: standardised per file);
+    ``statistics``: the run's federated centre and scale per feature (normalisation
+    federated), applied over the schema."""
     from fedpriv.data import load_dataset
+    from fedpriv.data.datasets import with_feature_statistics
     from fedpriv.errors import DataError
 
     try:
         dataset = load_dataset(
             path, label_column=label_column, patient_column=patient_column, schema=schema
         )
+        dataset = with_feature_statistics(dataset, statistics)
     except DataError as exc:
         raise ConfigError(f"node config: 'data-path': {exc}") from None
     if len(dataset) < 2:
@@ -163,6 +172,8 @@ def _site_data(
         source=Path(path).name,
         train_records=dataset.source.take(train),
         num_classes=schema.num_classes if schema is not None else 0,
+        schema=dataset.schema,
+        train_raw=None if dataset.raw_features is None else dataset.raw_features[train],
     )
 
 
@@ -199,16 +210,18 @@ def site_settings(node_config: Mapping[str, Any]) -> SiteSettings | None:
 def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalData:
     """This hospital's records: a real site's own file (node config ``data-path``), split
     into training and held-out records by the run's seed; or, in simulation, its partition
-    of the shared dataset."""
+    of the shared dataset. Under normalisation federated, before the run's feature
+    statistics exist (the schema query, the release itself), the features are the
+    schema's mapping; nothing trains or evaluates on them (:func:`require_statistics`)."""
     site = site_settings(node_config)
     if site is not None:
         schema = site.load_schema()
         # the run's schema digest: this site's features must mean what everyone's do
         check_schema_digest(config.schema_digest, schema, who=f"site '{site.hospital_name}'")
-        if schema is None and config.normalisation == "schema":
+        if schema is None and config.normalisation in ("schema", "federated"):
             raise ConfigError(
-                "node config: 'schema-path' is missing and the run normalises by schema: set it "
-                "to the federation's schema.toml"
+                f"node config: 'schema-path' is missing and the run normalises by "
+                f"{config.normalisation}: set it to the federation's schema.toml"
             )
         if schema is None:
             logger.warning(
@@ -225,6 +238,7 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
             config.held_out_fraction,
             file_version(str(site.data_path)),
             schema,
+            config.feature_statistics if config.normalisation == "federated" else "",
         )
     if PARTITION_ID not in node_config:
         raise ConfigError(
@@ -255,7 +269,21 @@ def local_data(config: RunConfig, node_config: Mapping[str, Any]) -> HospitalDat
         train_records=RecordSource.concatenate(
             [dataset.source.take(part.train), dataset.source.take(canary_index)]
         ),
+        schema=dataset.schema,
+        train_raw=None
+        if dataset.raw_features is None
+        else np.concatenate([dataset.raw_features[part.train], dataset.raw_features[canary_index]]),
     )
+
+
+def require_statistics(config: RunConfig) -> None:
+    """Refuse to train or evaluate under normalisation federated without the run's feature
+    statistics: the inputs would not be the ones every other hospital uses."""
+    if config.normalisation == "federated" and not config.feature_statistics:
+        raise ConfigError(
+            "the run normalises by federated statistics but the server's order carries none "
+            "(feature-statistics): the server gathers them before round 1"
+        )
 
 
 def privacy_state(config: RunConfig, node_config: Mapping[str, Any], hospital: str) -> PrivacyState:
@@ -317,6 +345,7 @@ def train_round(
     its update (``side``; plaintext by default): its weights or gradient, a ciphertext, a
     masked vector. ``state`` is Flower's context.state (a protocol's secrets live there)."""
     config = order.config
+    require_statistics(config)
     device = resolve_device(config.device)
     side = side if side is not None else PlainHospital()
     current = side.read(order, arrays)
@@ -529,6 +558,8 @@ def _plan_request(order: msg.TrainingOrder, patients: int) -> dict[str, Any]:
         "accountant": config.accountant,
         "max-grad-norm": config.max_grad_norm,
         "noise-multiplier": config.noise_multiplier,
+        # the statistics release shares the run's epsilon (normalisation federated)
+        **({"stats-epsilon": config.stats_epsilon} if config.normalisation == "federated" else {}),
     }
 
 
@@ -592,6 +623,7 @@ def audit_counts(
     from fedpriv.privacy.audit.federated import loss_counts
     from fedpriv.training import per_example_losses
 
+    require_statistics(order.config)
     model = _model(order, (side or PlainHospital()).read(order, arrays).weights)
     device = torch.device("cpu")
     members = data.train_labels.size - len(_planted(order, data))
@@ -628,6 +660,7 @@ def evaluate_round(
     """The global model on this hospital's held-out records (decrypted first under CKKS),
     and the protocol's figures (this is where a round's aggregate is decrypted; the next
     round's training finds it already decrypted)."""
+    require_statistics(order.config)
     device = resolve_device(order.config.device)
     current = (side or PlainHospital()).read(order, arrays)
     loader = make_loader(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.config import NORMALISATIONS
-from fedpriv.data.schema import Schema, builtin_schema
+from fedpriv.data.schema import Schema, builtin_schema, parse_feature_statistics
 from fedpriv.errors import ConfigError, DataError
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "load_raw",
     "register_dataset",
     "schema_problems",
+    "with_feature_statistics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -269,10 +270,10 @@ def _load_cached(
     if chosen is None:
         if dataset.kind == "image":
             return dataset  # a fixed pixel range: public and per record already
-        if normalisation == "schema":
+        if normalisation in ("schema", "federated"):
             raise DataError(
-                f"'{spec}' has no schema and normalisation is 'schema': give the federation's "
-                "schema.toml (draft one with `fedpriv schema init`)"
+                f"'{spec}' has no schema and normalisation is '{normalisation}': give the "
+                "federation's schema.toml (draft one with `fedpriv schema init`)"
             )
         logger.warning("%s: features %s (no schema)", spec, dataset.normalisation)
         return dataset
@@ -318,6 +319,23 @@ def conform(dataset: Dataset, schema: Schema, *, label_column: str = "label") ->
         label_codes=tuple(lab.code for lab in schema.labels),
         schema=schema,
     )
+
+
+def with_feature_statistics(dataset: Dataset, statistics: str) -> Dataset:
+    """``dataset`` (conformed to its schema) normalised by the run's federated centre and
+    scale per numeric feature (normalisation federated); ``statistics`` empty: before the
+    release, the schema's own mapping (what nothing trains on: the server gathers the
+    statistics before round 1). ``dataset.schema`` stays the federation's (its digest)."""
+    if not statistics:
+        return dataset
+    if dataset.schema is None or dataset.raw_features is None:
+        raise DataError(
+            f"'{dataset.name}' has no schema: normalisation federated needs the federation's "
+            "schema.toml (its ranges bound each patient's contribution)"
+        )
+    reference = dataset.schema.with_reference(parse_feature_statistics(statistics))
+    features = reference.normalise(dataset.raw_features).reshape(dataset.features.shape)
+    return dataclasses.replace(dataset, features=features)
 
 
 def load_raw(

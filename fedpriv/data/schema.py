@@ -56,6 +56,7 @@ __all__ = [
     "check_schema_digest",
     "draft_schema",
     "load_schema",
+    "parse_feature_statistics",
 ]
 
 NUMERIC = "numeric"
@@ -251,6 +252,25 @@ class Schema:
             out[:, j] = feature.transform(matrix[:, j])
         return out.astype(np.float32)
 
+    def with_reference(self, statistics: Mapping[str, tuple[float, float]]) -> Schema:
+        """This schema with a centre and scale for each numeric feature (normalisation
+        federated: combined from the hospitals' DP releases): the public transformation
+        ``(x - centre) / scale`` every hospital then applies. Categorical features keep
+        their mapping."""
+        missing = [f.name for f in self.features if f.kind == NUMERIC and f.name not in statistics]
+        if missing:
+            raise ConfigError(
+                f"feature-statistics lacks the schema's feature '{missing[0]}': the run's "
+                "statistics were combined for another schema"
+            )
+        features = tuple(
+            dataclasses.replace(f, centre=statistics[f.name][0], scale=statistics[f.name][1])
+            if f.kind == NUMERIC
+            else f
+            for f in self.features
+        )
+        return dataclasses.replace(self, features=features)
+
     def label_index(self, codes: Sequence[str]) -> np.ndarray:
         """Class indices of raw label codes (every code must be in the list: check first)."""
         index = {lab.code: i for i, lab in enumerate(self.labels)}
@@ -341,6 +361,22 @@ def canonical_code(value: str) -> str:
     if math.isfinite(number) and number.is_integer():
         return str(int(number))
     return repr(number)
+
+
+def parse_feature_statistics(text: str) -> dict[str, tuple[float, float]]:
+    """A run's ``feature-statistics`` (JSON ``{feature: [centre, scale]}``)."""
+    try:
+        data = json.loads(text)
+        parsed = {str(k): (float(v[0]), float(v[1])) for k, v in dict(data).items()}
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ConfigError(
+            "feature-statistics is not {feature: [centre, scale]} JSON: it is set by the "
+            "server from the hospitals' releases, never by hand"
+        ) from None
+    for name, (centre, scale) in parsed.items():
+        if not (math.isfinite(centre) and math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"feature-statistics: '{name}' needs a finite centre and scale > 0")
+    return parsed
 
 
 def load_schema(path: str | Path) -> Schema:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedpriv.config import RunConfig
-from fedpriv.data.datasets import Dataset, load_dataset
+from fedpriv.data.datasets import Dataset, load_dataset, with_feature_statistics
 from fedpriv.data.partition import MIN_RECORDS_PER_HOSPITAL, create_partitioner, site_names
 from fedpriv.data.schema import check_schema_digest, load_schema
 from fedpriv.errors import DataError
@@ -215,8 +215,9 @@ def _patients_of(dataset: Dataset, pool: np.ndarray) -> list[np.ndarray]:
 
 
 def dataset_for(config: RunConfig) -> Dataset:
-    """The run's dataset, normalised as the run says (by its schema: the same public
-    transformation every hospital applies, never a statistic over the hospitals' records)."""
+    """The run's dataset, normalised as the run says (by its schema, or by the statistics
+    the hospitals released under DP: the same transformation every hospital applies, never
+    a statistic computed over the hospitals' records)."""
     dataset = load_dataset(
         config.dataset,
         label_column=config.label_column,
@@ -226,6 +227,8 @@ def dataset_for(config: RunConfig) -> Dataset:
         normalisation=config.normalisation,
     )
     check_schema_digest(config.schema_digest, dataset.schema, who=f"'{config.dataset}'")
+    if config.normalisation == "federated":  # the hospitals' combined statistics, if any yet
+        dataset = with_feature_statistics(dataset, config.feature_statistics)
     return dataset
 
 

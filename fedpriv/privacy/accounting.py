@@ -45,6 +45,8 @@ __all__ = [
     "plan_for_run",
     "rdp_of",
     "rdp_per_step",
+    "statistics_event",
+    "statistics_noise",
 ]
 
 #: Rényi orders of the fast path: integer orders only, cheap to compute (4 ms a mechanism,
@@ -252,13 +254,16 @@ def plan_dp(
     accountant: str,
     max_grad_norm: float,
     noise_multiplier: float = 0.0,
+    prior: tuple[DpEvent, ...] = (),
 ) -> DpPlan:
     """Calibrate the noise for a hospital with ``num_records`` training units (patients, or
     records when each patient has one).
 
     The sample rate is Opacus's: ``1 / ceil(n / batch_size)``; an epoch is ``ceil(n / B)``
     Poisson-sampled steps. FedSGD takes one step per round. ``noise_multiplier > 0`` skips
-    calibration (the planned epsilon is then whatever it gives).
+    calibration (the planned epsilon is then whatever it gives). ``prior``: the run's other
+    mechanisms on the same patients (the feature-statistics release): the noise is
+    calibrated so that they and DP-SGD *together* stay at the target.
     """
     if num_records < 1:
         raise ConfigError("a hospital with no training records cannot train")
@@ -279,9 +284,10 @@ def plan_dp(
             sample_rate=sample_rate,
             steps=steps_per_round * rounds,
             accountant=accountant,
+            prior=prior,
         )
     planned = compose_epsilon(
-        [DpEvent(noise_multiplier, sample_rate, steps_per_round * rounds)],
+        [*prior, DpEvent(noise_multiplier, sample_rate, steps_per_round * rounds)],
         delta=delta,
         accountant=accountant,
     )
@@ -313,13 +319,39 @@ def plan_for_run(config: Any, num_records: int, *, one_step_per_round: bool) -> 
         accountant=config.accountant,
         max_grad_norm=config.max_grad_norm,
         noise_multiplier=config.noise_multiplier,
+        prior=tuple(e for e in (statistics_event(config),) if e is not None),
+    )
+
+
+def statistics_event(config: Any) -> DpEvent | None:
+    """The feature-statistics release of a run (``normalisation = "federated"`` with
+    sample-level DP; a ``RunConfig``): one Gaussian mechanism on every training patient of a
+    hospital (sample rate 1, one step) whose epsilon alone is ``stats_epsilon``; None when
+    the run releases none."""
+    if config.normalisation != "federated" or not config.sample_level_dp:
+        return None
+    return DpEvent(statistics_noise(config.stats_epsilon, config.delta, config.accountant), 1.0, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def statistics_noise(epsilon: float, delta: float, accountant: str) -> float:
+    """The noise multiplier of a one-shot Gaussian release at ``epsilon`` (at ``delta``)."""
+    return calibrate_noise(
+        target_epsilon=epsilon, delta=delta, sample_rate=1.0, steps=1, accountant=accountant
     )
 
 
 def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: tuple[DpEvent, ...] = (),
 ) -> float:
-    """The smallest noise multiplier (to about 0.5 %) whose epsilon is at most the target.
+    """The smallest noise multiplier (to about 0.5 %) whose epsilon is at most the target,
+    composed with the ``prior`` events (other mechanisms of the run on the same patients).
 
     Three stages, cheapest first: bisection on the fast RDP bound (a few ms a step; never
     below the exact epsilon, so its answer is an upper end); with PRV, regula falsi on a
@@ -328,15 +360,23 @@ def calibrate_noise(
     ledger's) puts at or under the target is returned.
     """
 
+    before = rdp_of(prior)
+    if prior and epsilon_from_rdp(before, delta) >= target_epsilon:
+        raise ConfigError(
+            f"the run's other releases already spend epsilon {target_epsilon:g}: nothing is "
+            "left for DP-SGD; lower stats-epsilon"
+        )
+
     def fast(sigma: float) -> float:
-        return epsilon_from_rdp(steps * rdp_per_step(sigma, sample_rate), delta)
+        return epsilon_from_rdp(before + steps * rdp_per_step(sigma, sample_rate), delta)
 
     def prv(sigma: float, eps_error: float) -> float:
-        return _prv_epsilon(((sigma, sample_rate, steps),), delta, eps_error)
+        history = merge_events([*prior, DpEvent(sigma, sample_rate, steps)])
+        return _prv_epsilon(history, delta, eps_error)
 
     def exact(sigma: float) -> float:
         return compose_epsilon(
-            [DpEvent(sigma, sample_rate, steps)], delta=delta, accountant=accountant
+            [*prior, DpEvent(sigma, sample_rate, steps)], delta=delta, accountant=accountant
         )
 
     high = 1.0

@@ -33,6 +33,7 @@ __all__ = [
     "prepare_run",
     "resolve_model",
     "resolve_model_from_hospitals",
+    "with_feature_statistics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -340,10 +341,10 @@ def _deployment_schema(config: RunConfig) -> tuple[RunConfig, list[str]]:
         return config.replace(schema_digest=digest), []
     if config.schema_digest:
         return config, []
-    if config.normalisation == "schema":
+    if config.normalisation in ("schema", "federated"):
         raise ConfigError(
-            "normalisation = schema needs the federation's schema: set schema = path to its "
-            "schema.toml (each site sets schema-path to its copy)"
+            f"normalisation = {config.normalisation} needs the federation's schema: set "
+            "schema = path to its schema.toml (each site sets schema-path to its copy)"
         )
     return config, [
         "no schema: each site standardises its features with its own file's mean and standard "
@@ -418,6 +419,26 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
     return dataclasses.replace(
         plan, model_name=model_name, model_args=model_args, declared=declared
     )
+
+
+def with_feature_statistics(plan: RunPlan, statistics: str) -> RunPlan:
+    """The plan once the hospitals' feature statistics are combined (normalisation
+    federated): the run configuration carries them to every hospital and into config.json;
+    the simulation's central test split is normalised by them too."""
+    from fedpriv.data import dataset_for
+
+    config = plan.config.replace(feature_statistics=statistics)
+    plan.run_dir.write_config(config, model_name=plan.model_name, model_args=plan.model_args)
+    central = plan.central
+    if central is not None:
+        central = _central_evaluator(
+            config,
+            dataset_for(config),
+            plan.run_dir.read_partitions(),
+            plan.model_name,
+            plan.model_args,
+        )
+    return dataclasses.replace(plan, config=config, central=central)
 
 
 def _central_evaluator(

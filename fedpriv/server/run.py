@@ -40,6 +40,7 @@ from fedpriv.server.prepare import (
     resolve_model_from_hospitals,
 )
 from fedpriv.server.rundir import FLOWER_LOG, RunDirectory
+from fedpriv.server.statistics import gather_statistics, needs_statistics
 from fedpriv.server.views import HeLog, PrivacyView
 from fedpriv.strategies import create_strategy
 from fedpriv.strategies.fedavg import hospital_name
@@ -144,6 +145,15 @@ def serve(
         # (its documented constructor argument); at ~0.1 s of training per round that
         # polling alone would double the round time.
         grid.pull_interval = GRID_PULL_INTERVAL
+    if needs_statistics(plan.config):  # normalisation federated, once per run
+        wait_for_hospitals(
+            grid,
+            config.hospitals,
+            NODE_WAIT_SECONDS,
+            minimum=min(config.min_hospitals, config.hospitals),
+        )
+        plan = gather_statistics(grid, plan)
+        config = plan.config
     layout = Layout.of(initial_weights(plan.model_name, plan.model_args, config.seed))
     aggregator = make_server_side(config, layout=layout, declared=plan.declared)
     strategy = create_strategy(config.strategy, config=config, aggregator=aggregator)

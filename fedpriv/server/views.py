@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from fedpriv.config import RunConfig
-from fedpriv.privacy.accounting import DpEvent, compose_epsilon
+from fedpriv.privacy.accounting import DpEvent, compose_epsilon, statistics_event
 from fedpriv.privacy.he import Layout
 from fedpriv.protocols.base import ServerSide
 from fedpriv.protocols.ckks import CIPHERTEXT, CkksServer
@@ -144,6 +144,20 @@ class PrivacyView:
             )
         if config.client_level_dp:
             doc["client_level"] = self.client_level()
+        event = statistics_event(config)
+        if event is not None:
+            # normalisation federated: one Gaussian release per hospital before round 1, in
+            # each hospital's ledger (its events above include it) and its epsilon
+            doc["statistics_release"] = {
+                "epsilon_alone": config.stats_epsilon,
+                "delta": config.delta,
+                "event": {
+                    "noise_multiplier": event.noise_multiplier,
+                    "sample_rate": event.sample_rate,
+                    "steps": event.steps,
+                },
+                "composed_with_training": True,
+            }
         return doc
 
 

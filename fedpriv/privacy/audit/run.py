@@ -109,6 +109,7 @@ def load_run(
     import torch
 
     from fedpriv.data import load_dataset, load_schema
+    from fedpriv.data.datasets import with_feature_statistics
     from fedpriv.data.schema import check_schema_digest
     from fedpriv.models import build
 
@@ -163,6 +164,10 @@ def load_run(
             check_schema_digest(
                 str(config.get("schema-digest", "") or ""), dataset.schema, who="the audit"
             )
+            if str(config.get("normalisation", "")) == "federated":  # what the model was fed
+                dataset = with_feature_statistics(
+                    dataset, str(config.get("feature-statistics", "") or "")
+                )
         except FedprivError as exc:
             raise AuditError(f"the run's dataset cannot be loaded: {exc}") from None
         hospitals = _hospitals(partitions, len(dataset))

@@ -1,0 +1,95 @@
+"""Normalisation from federated statistics in a real Flower simulation: every hospital
+releases its noisy sums once (a ledger event), the server's combination reaches every
+hospital and the run directory, the composed epsilon stays at the run's target (checked
+with Google's dp-accounting), and a resumed run asks for no second release (a second
+request is refused by the hospital anyway: tests/unit/test_feature_statistics.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+
+import fedpriv
+from fedpriv.config import RunConfig
+from fedpriv.data import dataset_for
+from fedpriv.data.schema import builtin_schema
+from fedpriv.privacy.accounting import statistics_event
+from fedpriv.privacy.ledger import Ledger
+from fedpriv.server.prepare import prepare_run
+from fedpriv.server.rundir import RunDirectory
+from fedpriv.server.statistics import needs_statistics
+
+
+def _google_epsilon(events: list[dict], delta: float) -> float:
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    for e in events:
+        accountant.compose(
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(
+                    e["sample_rate"], dp_event.GaussianDpEvent(e["noise_multiplier"])
+                ),
+                e["steps"],
+            )
+        )
+    return float(accountant.get_epsilon(delta))
+
+
+def test_federated_statistics_run_end_to_end_and_are_charged_once(tmp_path: Path) -> None:
+    config = RunConfig(
+        dataset="breast-cancer",
+        hospitals=3,
+        rounds=1,
+        normalisation="federated",
+        accountant="rdp",
+        out=str(tmp_path),
+        run_name="fed",
+        insecure_dp_seed=0,
+    )
+    result = fedpriv.simulate(config)
+    assert not result.stopped and result.rows[-1]["test_accuracy"] is not None
+    names = {f"hospital-{k}" for k in range(3)}
+    # the server's combination, in config.json: what every hospital normalised with
+    run_config, _, _ = RunDirectory.open(result.run_dir).read_config()
+    reference = json.loads(run_config.feature_statistics)
+    schema = builtin_schema("breast-cancer")
+    assert schema is not None and set(reference) == set(schema.feature_names)
+    statistics = json.loads((result.run_dir / "statistics.json").read_text())
+    assert statistics["released"] == 3 and set(statistics["hospitals"]) == names
+    assert all(h["status"] == "released" for h in statistics["hospitals"].values())
+    # the central test split is normalised by them too: (x - centre) / scale
+    dataset = dataset_for(run_config)
+    assert dataset.raw_features is not None
+    centre, scale = reference["mean radius"]
+    assert np.allclose(dataset.features[:, 0], (dataset.raw_features[:, 0] - centre) / scale)
+    # an auditor reloads the run with the inputs the model was trained and tested on
+    from fedpriv.privacy.audit.run import load_run
+
+    audited = load_run(result.run_dir)
+    assert audited.dataset is not None
+    assert np.allclose(audited.dataset.features, dataset.features)
+    # the ledger holds one release per hospital (round 0) before its training round
+    event = statistics_event(run_config)
+    assert event is not None
+    ledger = Ledger.open(tmp_path / "fed" / "ledgers" / "simulated-hospitals.sqlite")
+    releases = [e for e in ledger.events() if e.round == 0]
+    assert {e.hospital for e in releases} == names and len(releases) == 3
+    assert all((e.noise_multiplier, e.sample_rate, e.steps) == event.as_tuple() for e in releases)
+    # each hospital's reported history composes release and training, at most the target
+    privacy = json.loads((result.run_dir / "privacy.json").read_text())
+    assert privacy["statistics_release"]["event"]["noise_multiplier"] == event.noise_multiplier
+    for report in privacy["hospitals"].values():
+        events = report["events"]
+        assert {(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in events} >= {
+            event.as_tuple()
+        }
+        assert len(events) == 2 and report["epsilon"] <= config.epsilon
+        assert _google_epsilon(events, config.delta) <= config.epsilon + 0.02
+
+    # a resumed run takes the statistics from config.json: no second release is asked for
+    plan = prepare_run(config.replace(rounds=2), resume_dir=result.run_dir, central=False)
+    assert plan.config.feature_statistics == run_config.feature_statistics
+    assert not needs_statistics(plan.config)
