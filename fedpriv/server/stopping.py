@@ -64,16 +64,6 @@ class StoppableGrid(Grid):
     def run(self) -> Any:
         return self._grid.run
 
-    # the in-memory grid's poll interval, which the server shortens (fedpriv.server.run) and
-    # its pull loop reads (fedpriv.server.exchange): an AttributeError when the grid has none
-    @property
-    def pull_interval(self) -> float:
-        return float(self._grid.pull_interval)  # type: ignore[attr-defined]
-
-    @pull_interval.setter
-    def pull_interval(self, value: float) -> None:
-        self._grid.pull_interval = value  # type: ignore[attr-defined]
-
     def create_message(self, *args: Any, **kwargs: Any) -> Message:
         return self._grid.create_message(*args, **kwargs)
 

@@ -67,17 +67,3 @@ def test_run_engine_passes_the_engines_own_error_on() -> None:
 
     with pytest.raises(ValueError, match="engine failed"):
         run_engine(broken, threading.Event())
-
-
-def test_the_wrapped_grids_poll_interval_is_the_one_the_server_sets_and_reads() -> None:
-    """The simulation's in-memory grid polls every 0.1 s unless the server shortens it; the
-    wrapper must not hide it (it did: simulations polled at 0.1 s behind it)."""
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    inner = InMemoryGrid.__new__(InMemoryGrid)
-    inner.pull_interval = 0.1
-    grid = StoppableGrid(inner, threading.Event())
-    assert hasattr(grid, "pull_interval")
-    grid.pull_interval = 0.005
-    assert inner.pull_interval == 0.005 and grid.pull_interval == 0.005
-    assert not hasattr(StoppableGrid(_SlowGrid(0), threading.Event()), "pull_interval")  # type: ignore[arg-type]
