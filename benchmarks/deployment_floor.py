@@ -1,6 +1,6 @@
 """A deployment round against Flower's own floor, on the same real federation.
 
-    python benchmarks/deployment_floor.py --rounds 6 [--only floor fedpriv fedpriv-dp]
+    python benchmarks/deployment_floor.py --rounds 6 [--only floor fedpriv fedpriv-dp ...]
 
 One SuperLink (TLS, SuperNode authentication) and three SuperNodes on 127.0.0.1, as the
 deployment tests start them (tests/deployment/federation.py). On it, in turn:
@@ -10,7 +10,11 @@ deployment tests start them (tests/deployment/federation.py). On it, in turn:
   ``Grid.send_and_receive`` (a pull every 3 s), one exchange per round;
 - ``floor-poll``: the same with the server pulling every 0.1 s (what fedpriv's server does);
 - ``fedpriv``: fedpriv's deployment run, plaintext aggregation, no DP;
-- ``fedpriv-dp``: the same with DP (epsilon 4).
+- ``fedpriv-dp``: the same with DP (epsilon 4);
+- ``fedpriv-ckks``: CKKS homomorphic aggregation, no DP (two exchanges a round: the hospitals
+  check the decrypted aggregate before anyone trains on it);
+- ``fedpriv-secagg``: secure aggregation (masking, threshold 2 of 3), no DP (its set-up
+  queries, then two exchanges a round: unmasking rides on evaluation).
 
 Seconds per round are the median of rounds 2..N (round 1 carries one-off costs); start-up is
 submit to the end of round 1 minus one steady round; bytes are what the SuperLink counted
@@ -38,7 +42,15 @@ from fedpriv.certs import init_certs  # noqa: E402
 from tests.deployment.federation import CONNECTION, Federation, key_values  # noqa: E402
 
 FLOOR_APP = ROOT / "benchmarks" / "floor"
-VARIANTS = ("floor", "floor-poll", "fedpriv", "fedpriv-dp")
+VARIANTS = ("floor", "floor-poll", "fedpriv", "fedpriv-dp", "fedpriv-ckks", "fedpriv-secagg")
+#: run-config of each fedpriv variant beyond the plain one (CKKS and secure aggregation are
+#: measured with DP off, so the protocol's own cost shows)
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "fedpriv": {},
+    "fedpriv-dp": {"dp": True},
+    "fedpriv-ckks": {"he": True},
+    "fedpriv-secagg": {"aggregation": "secagg", "secagg-threshold": 2},
+}
 
 
 def _submit(federation: Federation, app: Path, run_config: dict[str, Any]) -> int:
@@ -98,9 +110,11 @@ def run_variant(
                 "deployment": True,
                 "hospitals": 3,
                 "rounds": rounds,
-                "dp": name == "fedpriv-dp",
+                "dp": False,
                 "out": str(base / "runs"),
                 "run-name": name,
+                **({"keys": str(base / "he")} if name == "fedpriv-ckks" else {}),
+                **PROTOCOLS[name],
             },
         )
         status = federation.wait_run(run_id, 1800)
@@ -121,6 +135,9 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="fedpriv-floor-bench-"))
     init_certs(base / "certs", hosts=["localhost", "127.0.0.1"], hospitals=list(HOSPITALS))
     sites, _ = make_data(base)
+    from fedpriv.privacy.he import write_keys
+
+    write_keys(base / "he")  # the coordinator's public context, the hospitals' secret one
     report: dict[str, Any] = {"rounds": args.rounds, "hospitals": len(HOSPITALS)}
     parameters = _parameters()
     report["parameters"] = parameters
@@ -138,6 +155,7 @@ def main() -> None:
                     "budget-epsilon": 1000.0,
                     "device": "cpu",
                     "require-dp": False,  # the no-DP variant measures the round without DP
+                    "he-secret-context": str(base / "he" / "secret.ctx"),
                 },
             )
         federation.wait_online(len(HOSPITALS), 120)
@@ -147,7 +165,7 @@ def main() -> None:
     finally:
         federation.close()
     floor = report.get("floor", {}).get("seconds_per_round")
-    for name in ("fedpriv", "fedpriv-dp"):
+    for name in PROTOCOLS:
         if floor and name in report:
             report[name]["ratio_to_floor"] = round(report[name]["seconds_per_round"] / floor, 2)
     text = json.dumps(report, indent=2)

@@ -62,3 +62,6 @@ def federation(kit: dict[str, Any]) -> Iterator[Federation]:
         yield fed
     finally:
         fed.close()
+    assert not fed.lingering_workers, (
+        f"warm workers {fed.lingering_workers} outlived their SuperNodes by 20 s"
+    )

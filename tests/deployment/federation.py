@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +55,10 @@ class Federation:
         self.logs.mkdir(exist_ok=True)
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # the sites' warm workers (fedpriv.client.warm) put their sockets and logs here: a
+        # short path (Unix sockets), this federation's own
+        self.runtime = Path(tempfile.mkdtemp(prefix="fw-", dir="/tmp"))
+        self.lingering_workers: list[int] = []
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.home),
@@ -61,6 +67,7 @@ class Federation:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONUNBUFFERED": "1",
+            "XDG_RUNTIME_DIR": str(self.runtime),
         }
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -197,6 +204,32 @@ class Federation:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+        # the sites' warm workers stop by themselves once their SuperNode is gone
+        deadline = time.monotonic() + 20
+        while self.warm_workers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.lingering_workers = self.warm_workers()
+        for pid in self.lingering_workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+    def warm_workers(self) -> list[int]:
+        """Live warm-worker processes whose socket is in this federation's directory."""
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"fedpriv.client.warm" in args and any(
+                a.startswith(str(self.runtime).encode()) for a in args
+            ):
+                found.append(int(cmdline.parent.name))
+        return found
+
+    def warm_worker_log(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.runtime.glob("*/*.log")))
 
     # ---- runs ------------------------------------------------------------------------------
 

@@ -54,6 +54,10 @@ def test_a_dp_he_run_across_three_sites(federation: Federation, kit: dict[str, A
     assert [r["round"] for r in rows] == [1, 2]
     assert set(rows[-1]["hospitals"]) == set(HOSPITALS)
     assert rows[-1]["test_accuracy"] is None, "the server holds no data to test on"
+    # each site's messages were served by its warm worker, one process per site
+    workers = federation.warm_worker_log()
+    assert workers.count("listening on") == len(HOSPITALS), workers[-3000:]
+    assert workers.count("served a train message") >= 2 * len(HOSPITALS), workers[-3000:]
     # every site's own ledger shows its spend, and the server only learnt what they reported
     for hospital in HOSPITALS:
         ledger = Ledger.open(kit["sites"][hospital]["ledger-path"], writable=False)
