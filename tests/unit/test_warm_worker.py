@@ -223,3 +223,23 @@ def test_the_worker_stops_when_its_supernode_is_gone(tmp_path: Path, runtime_dir
         for process in (worker, supernode):
             if process.poll() is None:
                 process.kill()
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_worker_that_died_is_replaced_at_the_next_message(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
+    """Killed (OOM, an operator): its socket file stays behind; the next message finds no one
+    listening, removes it and starts a new worker."""
+    site = _site(tmp_path)
+    config = RunConfig(deployment=True, dp=False)
+    assert not app(_train_message(config), _context(site)).has_error()
+    log = next(runtime_dir.glob("*.log")).read_text()
+    pid = int(log.split("warm worker ")[1].split()[0])
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # a zombie until reaped: its socket no longer accepts either way
+    assert list(runtime_dir.glob("*.sock")), "the dead worker's socket file is still there"
+    assert not app(_train_message(config), _context(site)).has_error()
+    assert _workers_started(runtime_dir) == 2
