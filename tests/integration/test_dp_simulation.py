@@ -8,27 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
 
 import fedpriv
 from fedpriv.config import RunConfig
 from fedpriv.privacy.dp import DpEvent, compose_epsilon
 from fedpriv.privacy.ledger import Ledger
-
-
-def _google_epsilon(events: list[dict], delta: float) -> float:
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
-    for e in events:
-        accountant.compose(
-            dp_event.SelfComposedDpEvent(
-                dp_event.PoissonSampledDpEvent(
-                    e["sample_rate"], dp_event.GaussianDpEvent(e["noise_multiplier"])
-                ),
-                e["steps"],
-            )
-        )
-    return float(accountant.get_epsilon(delta))
+from tests.reference_dp import google_epsilon
 
 
 def _epsilon(events: list[dict], delta: float) -> float:
@@ -82,7 +67,7 @@ def test_dp_run_accounts_every_round_and_learns(tmp_path: Path) -> None:
         assert report["patients"] > 0 and report["excluded_for_budget"] == 0
         assert report["epsilon"] == pytest.approx(rows[-1]["epsilon"][name])
         # anyone can recompute the figure from the listed events
-        assert _google_epsilon(report["events"], report["delta"]) == pytest.approx(
+        assert google_epsilon(report["events"], report["delta"]) == pytest.approx(
             report["epsilon"], rel=0.03
         )
     assert privacy["max_epsilon"] == pytest.approx(max(rows[-1]["epsilon"].values()))
@@ -152,7 +137,7 @@ def test_client_level_dp_reports_a_hospital_level_epsilon(tmp_path: Path) -> Non
     client = privacy["client_level"]
     assert client["rounds"] == 2 and client["sample_rate"] == 1.0
     assert client["epsilon"] == pytest.approx(
-        _google_epsilon(client["events"], client["delta"]), rel=0.03
+        google_epsilon(client["events"], client["delta"]), rel=0.03
     )
     assert result.final["client_epsilon"] == pytest.approx(client["epsilon"])
     assert set(privacy["hospitals"]) == {"hospital-0", "hospital-1", "hospital-2"}

@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
 
 import fedpriv
 from fedpriv.config import RunConfig
@@ -22,20 +20,7 @@ from fedpriv.privacy.ledger import Ledger
 from fedpriv.server.prepare import prepare_run
 from fedpriv.server.rundir import RunDirectory
 from fedpriv.server.statistics import needs_statistics
-
-
-def _google_epsilon(events: list[dict], delta: float) -> float:
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
-    for e in events:
-        accountant.compose(
-            dp_event.SelfComposedDpEvent(
-                dp_event.PoissonSampledDpEvent(
-                    e["sample_rate"], dp_event.GaussianDpEvent(e["noise_multiplier"])
-                ),
-                e["steps"],
-            )
-        )
-    return float(accountant.get_epsilon(delta))
+from tests.reference_dp import google_epsilon
 
 
 def test_federated_statistics_run_end_to_end_and_are_charged_once(tmp_path: Path) -> None:
@@ -87,7 +72,7 @@ def test_federated_statistics_run_end_to_end_and_are_charged_once(tmp_path: Path
             event.as_tuple()
         }
         assert len(events) == 2 and report["epsilon"] <= config.epsilon
-        assert _google_epsilon(events, config.delta) <= config.epsilon + 0.02
+        assert google_epsilon(events, config.delta) <= config.epsilon + 0.02
 
     # a resumed run takes the statistics from config.json: no second release is asked for
     plan = prepare_run(config.replace(rounds=2), resume_dir=result.run_dir, central=False)

@@ -20,6 +20,7 @@ from fedpriv.privacy.statistics import (
     SCALE_FLOOR,
     StatisticsMechanism,
 )
+from tests.reference_dp import google_epsilon
 
 SCHEMA = Schema(
     features=(
@@ -226,20 +227,6 @@ def test_a_site_file_without_a_schema_column_is_refused_naming_it(tmp_path: Path
         local_data(run.replace(schema_digest=""), node)
 
 
-def _google_epsilon(events: list[tuple[float, float, int]], delta: float) -> float:
-    from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant
-
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
-    for sigma, q, steps in events:
-        accountant.compose(
-            dp_event.SelfComposedDpEvent(
-                dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps
-            )
-        )
-    return float(accountant.get_epsilon(delta))
-
-
 @pytest.mark.parametrize("patients", [73, 230])  # breast-cancer's (q = 1) and digits' sizes
 def test_release_and_dp_sgd_together_stay_at_the_runs_epsilon_by_dp_accounting(
     patients: int,
@@ -252,12 +239,12 @@ def test_release_and_dp_sgd_together_stay_at_the_runs_epsilon_by_dp_accounting(
     config = RunConfig(normalisation="federated", epsilon=4.0, delta=1e-5)
     event = statistics_event(config)
     assert event is not None and (event.sample_rate, event.steps) == (1.0, 1)
-    alone = _google_epsilon([event.as_tuple()], config.delta)
+    alone = google_epsilon([event.as_tuple()], config.delta)
     # fedpriv's accountant is an upper bound: a little loose on one full-batch Gaussian
     assert 0.85 * config.stats_epsilon <= alone <= config.stats_epsilon + 0.02
     plan = plan_for_run(config, patients, one_step_per_round=False)
     training = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * plan.rounds)
-    composed = _google_epsilon([event.as_tuple(), training], config.delta)
+    composed = google_epsilon([event.as_tuple(), training], config.delta)
     assert 0.95 * config.epsilon <= composed <= config.epsilon + 0.02
     assert plan.planned_epsilon <= config.epsilon
     without = plan_for_run(RunConfig(epsilon=4.0), patients, one_step_per_round=False)
