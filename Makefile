@@ -32,11 +32,11 @@ CHECK_COLLECTED = rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected 
 
 ## test: unit and integration tests (real Flower simulations, real Opacus, TenSEAL, SQLite)
 test: $(STAMP)
-	$(PYTEST) tests/unit tests/integration; $(CHECK_COLLECTED)
+	$(PYTEST) --durations=30 tests/unit tests/integration; $(CHECK_COLLECTED)
 
 ## test-deployment: real SuperLink / SuperNode processes with TLS (slow: Flower's heartbeats)
 test-deployment: $(STAMP)
-	$(PYTEST) tests/deployment; $(CHECK_COLLECTED)
+	$(PYTEST) --durations=15 tests/deployment; $(CHECK_COLLECTED)
 
 ## lint-deploy: the site kit's Kubernetes manifests against the schema (kubernetes-validate)
 ## and a security linter (checkov), its Dockerfiles (hadolint), its scripts (bash -n); the
