@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedpriv-installed
 
-.PHONY: install demo test test-deployment test-kit lint lint-deploy bench clean
+.PHONY: install demo test test-slow test-deployment test-kit lint lint-deploy bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ CHECK_COLLECTED = rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected 
 
 ## test: unit and integration tests (real Flower simulations, real Opacus, TenSEAL, SQLite)
 test: $(STAMP)
-	$(PYTEST) --durations=30 tests/unit tests/integration; $(CHECK_COLLECTED)
+	$(PYTEST) --durations=30 -m "not slow" tests/unit tests/integration; $(CHECK_COLLECTED)
+
+## test-slow: the slowest real simulations (CKKS runs, secure aggregation's resume, flwr run,
+## an interrupted simulation, the ledger across runs), kept out of `make test` for time
+test-slow: $(STAMP)
+	$(PYTEST) --durations=15 -m slow tests/unit tests/integration; $(CHECK_COLLECTED)
 
 ## test-deployment: real SuperLink / SuperNode processes with TLS (slow: Flower's heartbeats)
 test-deployment: $(STAMP)

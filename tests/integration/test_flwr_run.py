@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# slow real simulations: `make test-slow` (CI runs it too), not `make test`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 FLWR = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
 

@@ -17,10 +17,13 @@ from flwr.clientapp import ClientApp
 
 import fedpriv
 from fedpriv import messages as msg
-from fedpriv.client import app as fedpriv_app
+from fedpriv.client import handlers as fedpriv_app
 from fedpriv.config import RunConfig
 from fedpriv.protocols.base import UNUSABLE
 from fedpriv.server.simulation import prepare_simulation, run_plan
+
+# slow real simulations: `make test-slow` (CI runs it too), not `make test`
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(

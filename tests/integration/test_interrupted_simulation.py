@@ -17,6 +17,9 @@ import pytest
 import fedpriv
 from fedpriv.config import RunConfig
 
+# slow real simulations: `make test-slow` (CI runs it too), not `make test`
+pytestmark = pytest.mark.slow
+
 ENGINE_THREADS = ("fedpriv-simulation", "server_th_with_start_checks")
 
 

@@ -32,6 +32,7 @@ def _csv(path: Path, rows: int, extra: int = 0) -> Path:
     return path
 
 
+@pytest.mark.slow  # `make test-slow`
 def test_appending_a_record_or_asking_a_larger_delta_does_not_reset_anyones_budget(
     tmp_path: Path,
 ) -> None:

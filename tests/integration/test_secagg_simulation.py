@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 import fedpriv
-from fedpriv.client import app as fedpriv_app
+from fedpriv.client import handlers as fedpriv_app
 from fedpriv.config import RunConfig
 from fedpriv.server.simulation import prepare_simulation, run_plan
 
@@ -23,6 +24,7 @@ def _model(run: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in torch.load(run / "model.pt", weights_only=True).items()}
 
 
+@pytest.mark.slow  # `make test-slow`
 def test_secure_aggregation_gives_the_plaintext_model_and_resumes(tmp_path: Path) -> None:
     plain = fedpriv.simulate(
         RunConfig.from_mapping({**COMMON, "out": str(tmp_path), "run-name": "p"})
