@@ -132,26 +132,23 @@ def serve(
 
     config = plan.config
     outcome = outcome if outcome is not None else ServeOutcome()
-    if not plan.model_name:  # a deployment: the hospitals say what the model must fit
+    # a deployment's hospitals say what the model must fit; with normalisation federated
+    # they release their feature statistics (once per run): both need them connected
+    if not plan.model_name or needs_statistics(plan.config):
         wait_for_hospitals(
             grid,
             config.hospitals,
             NODE_WAIT_SECONDS,
             minimum=min(config.min_hospitals, config.hospitals),
         )
+    if not plan.model_name:
         plan = resolve_model_from_hospitals(grid, plan)
     if hasattr(grid, "pull_interval"):
-        # Flower's in-memory grid (simulation) polls for replies every 0.1 s by default
-        # (its documented constructor argument); at ~0.1 s of training per round that
-        # polling alone would double the round time.
+        # an unwrapped in-memory grid (Flower's default: 0.1 s). A simulation's grid is
+        # wrapped (fedpriv.server.stopping.StoppableGrid) and keeps 0.1 s: at 1,000 hospitals
+        # a 5 ms poll was slower (BENCHMARKS, "The simulation's poll interval")
         grid.pull_interval = GRID_PULL_INTERVAL
-    if needs_statistics(plan.config):  # normalisation federated, once per run
-        wait_for_hospitals(
-            grid,
-            config.hospitals,
-            NODE_WAIT_SECONDS,
-            minimum=min(config.min_hospitals, config.hospitals),
-        )
+    if needs_statistics(plan.config):
         plan = gather_statistics(grid, plan)
         config = plan.config
     layout = Layout.of(initial_weights(plan.model_name, plan.model_args, config.seed))
