@@ -3,9 +3,11 @@
 When the server's training order says so (``msg.EVALUATE_RECEIVED``), a hospital first
 evaluates the model it received (the previous round's aggregate) on its held-out records and
 replies that evaluation beside its update, under ``msg.EVALUATION``. The server records it as
-the previous round's evaluation and evaluates the final model once at the end. Protocols
-whose evaluation exchange does more than evaluate (CKKS's check of the new aggregate,
-secure aggregation's unmasking) keep the separate exchange; the server decides.
+the previous round's evaluation and evaluates the final model once at the end. Under CKKS
+the evaluation is also the hospital's check of the aggregate: one it cannot decrypt to the
+declared count or to bounded values is reported unusable and the order is declined, untrained
+(:func:`fedpriv.client.handlers.train_and_evaluate`). Secure aggregation's unmasking keeps the
+separate exchange (the next model does not exist before it); the server decides.
 """
 
 from __future__ import annotations

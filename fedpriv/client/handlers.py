@@ -70,12 +70,16 @@ def train_and_evaluate(message: Message, context: Context) -> Message:
     order = _order(message, context)
     evaluation = None
     if wants_evaluation(order):
-        evaluation = evaluation_metrics(
-            order,
-            local_data(order.config, context.node_config),
-            message.content.array_records[msg.ARRAYS],
-            side=protocol_side(order.config, context.node_config),
-        )
+        data = local_data(order.config, context.node_config)
+        try:
+            evaluation = evaluation_metrics(
+                order,
+                data,
+                message.content.array_records[msg.ARRAYS],
+                side=protocol_side(order.config, context.node_config),
+            )
+        except AggregateUnusable as exc:  # CKKS: the server learns it, nothing is trained
+            return _unusable_reply(message, data, exc)
     reply = handle_train(message, context)
     if evaluation is not None and not reply.has_error():
         reply.content[msg.EVALUATION] = evaluation
@@ -95,17 +99,20 @@ def handle_train(message: Message, context: Context) -> Message:
         return Message(content=content, reply_to=message)
     saved = context.state.config_records.get(STATE_DP)
     accountant_state = json.loads(str(saved[STATE_ACCOUNTANT])) if saved else None
-    result = train_round(
-        order,
-        data,
-        message.content.array_records[msg.ARRAYS],
-        privacy=privacy_state(order.config, context.node_config, data.name)
-        if order.config.sample_level_dp
-        else None,
-        accountant_state=accountant_state,
-        side=protocol_side(order.config, context.node_config),
-        state=context.state,
-    )
+    try:
+        result = train_round(
+            order,
+            data,
+            message.content.array_records[msg.ARRAYS],
+            privacy=privacy_state(order.config, context.node_config, data.name)
+            if order.config.sample_level_dp
+            else None,
+            accountant_state=accountant_state,
+            side=protocol_side(order.config, context.node_config),
+            state=context.state,
+        )
+    except AggregateUnusable as exc:  # read before any budget is reserved: nothing spent
+        return _unusable_reply(message, data, exc)
     if result.accountant_state is not None:
         context.state[STATE_DP] = ConfigRecord(
             {STATE_ACCOUNTANT: json.dumps(result.accountant_state)}
@@ -137,16 +144,8 @@ def handle_evaluate(message: Message, context: Context) -> Message:
         stats, figures = evaluate_round(
             order, data, message.content.array_records[msg.ARRAYS], side=side
         )
-    except AggregateUnusable as exc:  # tell the server, which discards the round if most do
-        record = _hospital_record(
-            data, msg.STATUS_DECLINED, f"the new aggregate is unusable: {exc}"
-        )
-        return Message(
-            content=RecordDict(
-                {msg.HOSPITAL: record, msg.PROTOCOL: ConfigRecord({UNUSABLE: str(exc)})}
-            ),
-            reply_to=message,
-        )
+    except AggregateUnusable as exc:
+        return _unusable_reply(message, data, exc)
     metrics = MetricRecord(
         {
             "eval-loss": stats.loss,
@@ -165,6 +164,18 @@ def handle_evaluate(message: Message, context: Context) -> Message:
         except FedprivError as exc:
             content.config_records[msg.HOSPITAL][msg.REASON] = str(exc)
     return Message(content=content, reply_to=message)
+
+
+def _unusable_reply(message: Message, data: HospitalData, exc: AggregateUnusable) -> Message:
+    """Tell the server this hospital cannot use the aggregate it received (it discards the
+    aggregate if most hospitals say so); a training order is then declined, untrained."""
+    record = _hospital_record(data, msg.STATUS_DECLINED, f"the new aggregate is unusable: {exc}")
+    return Message(
+        content=RecordDict(
+            {msg.HOSPITAL: record, msg.PROTOCOL: ConfigRecord({UNUSABLE: str(exc)})}
+        ),
+        reply_to=message,
+    )
 
 
 @local_app.query()

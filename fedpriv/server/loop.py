@@ -174,6 +174,13 @@ def run_rounds(
     evaluation exchange instead.
     """
     carry = carries_evaluation(strategy)
+    side = getattr(strategy, "aggregator", None)
+    # CKKS under one exchange a round: the hospitals check each aggregate when the next
+    # round's order brings it (decrypting it to evaluate and train from it); until most of
+    # them could use it, the last checked model is kept to fall back on (a resumed run's
+    # restored aggregate has not been checked yet: nothing to fall back on)
+    verify = carry and bool(getattr(side, "verified_on_evaluate", False))
+    checked: ArrayRecord | None = arrays if first_round == 1 else None
     for server_round in range(first_round, last_round + 1):
         started = time.perf_counter()
         logger.info("[ROUND %d/%d]", server_round, last_round)
@@ -195,6 +202,40 @@ def run_rounds(
             logger.warning("round %d: %s declined: %s", server_round, who, reason)
         for who, reason in failed.items():
             logger.warning("round %d: %s failed: %s", server_round, who, reason)
+        if verify and side is not None:
+            unusable = _unusable(replies)
+            failure = side.verdict(unusable, len(ok) + len(declined))
+            if failure:
+                if checked is None:
+                    raise FederationStopped(
+                        f"round {server_round}: the aggregate restored from the checkpoint "
+                        f"is unusable: {failure}"
+                    )
+                arrays = checked
+                _discarded_round(
+                    strategy,
+                    grid,
+                    server_round=server_round,
+                    last_round=last_round,
+                    arrays=arrays,
+                    ok=ok,
+                    declined=declined,
+                    failed=failed,
+                    privacy=privacy,
+                    failure=failure,
+                    started=started,
+                    evaluate_config=evaluate_config,
+                    timeout=timeout,
+                    on_round=on_round,
+                )
+                continue
+            if unusable:
+                logger.warning(
+                    "round %d: a minority could not use the aggregate it received: %s",
+                    server_round,
+                    unusable,
+                )
+            checked = arrays  # most hospitals decrypted and used it
         if len(ok) < min_hospitals:
             on_stop(privacy)
             detail = "; ".join(f"{k}: {v}" for k, v in {**failed, **declined}.items())
@@ -203,7 +244,6 @@ def run_rounds(
                 f"min-hospitals={min_hospitals}" + (f" ({detail})" if detail else "")
             )
         new_arrays, train_metrics = strategy.aggregate_train(server_round, ok)
-        side = getattr(strategy, "aggregator", None)
         deferred = bool(getattr(side, "completes_on_evaluate", False))
         if new_arrays is None and not deferred:
             raise FederationStopped(f"round {server_round}: no usable update to aggregate")
@@ -226,11 +266,21 @@ def run_rounds(
                     )
                 )
                 final_replies = send_and_receive(grid, final_messages, timeout=timeout)
-                eval_ok, _, eval_failed = _split_replies(
+                final_replies = list(final_replies)
+                eval_ok, eval_declined, eval_failed = _split_replies(
                     final_replies, _destinations(final_messages)
                 )
                 eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
                 evaluated = server_round
+                if verify and side is not None:  # the final aggregate is checked here
+                    unusable = _unusable(final_replies)
+                    failure = side.verdict(unusable, len(eval_ok) + len(eval_declined))
+                    if failure:
+                        logger.warning("round %d: %s", server_round, failure)
+                        new_arrays = arrays  # the model this round trained from stays
+                        eval_metrics = strategy.aggregate_evaluate(server_round, carried)
+                        evaluated = server_round - 1
+                        eval_ok, previous = carried, {}
         else:
             # evaluation: of the new model, or (deferred) of the model the hospitals trained
             # from, while the same exchange carries what the protocol needs to finish the round
@@ -314,13 +364,76 @@ def carries_evaluation(strategy: Strategy) -> bool:
     fedpriv's own strategies (Flower's stock ones accept exactly one MetricRecord per reply),
     when every hospital trains each round (otherwise some would go unevaluated), and not
     when the protocol's evaluation exchange also finishes the round (secure aggregation's
-    unmasking) or verifies the new aggregate before it is used (CKKS)."""
+    unmasking needs the survivors' answers before the next model exists).
+
+    A protocol whose hospitals check each aggregate (CKKS) carries it too: the check rides
+    on the next round's training replies, and an aggregate most hospitals cannot use is
+    discarded there with the updates trained from it (:func:`_discarded_round`)."""
     side = getattr(strategy, "aggregator", None)
     if side is None or float(getattr(strategy, "fraction_train", 1.0)) < 1.0:
         return False
-    return not (
-        getattr(side, "completes_on_evaluate", False)
-        or getattr(side, "verified_on_evaluate", False)
+    return not getattr(side, "completes_on_evaluate", False)
+
+
+def _discarded_round(
+    strategy: Strategy,
+    grid: Grid,
+    *,
+    server_round: int,
+    last_round: int,
+    arrays: ArrayRecord,
+    ok: list[Message],
+    declined: dict[str, str],
+    failed: dict[str, str],
+    privacy: dict[str, dict[str, Any]],
+    failure: str,
+    started: float,
+    evaluate_config: ConfigRecord,
+    timeout: float,
+    on_round: Callable[[RoundOutcome], None],
+) -> None:
+    """Most hospitals could not use the aggregate this round's order brought (the previous
+    round's): it is discarded, and so are the updates the others trained from it; the last
+    checked model (``arrays``) stays. The round's DP spend at the hospitals that trained
+    stays on their ledgers (the planned number of rounds is not exceeded: nothing is
+    retrained). The last round's model is evaluated once, as after any last round."""
+    reason = (
+        f"round {server_round - 1}'s aggregate is discarded: {failure}; "
+        f"the {len(ok)} update(s) of round {server_round} trained from it are discarded too"
+    )
+    logger.warning("round %d: %s", server_round, reason)
+    eval_metrics: MetricRecord | None = None
+    eval_ok: list[Message] = []
+    eval_failed: dict[str, str] = {}
+    evaluated = server_round - 1
+    if server_round == last_round:
+        final_messages = list(
+            strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+            )
+        )
+        final_replies = send_and_receive(grid, final_messages, timeout=timeout)
+        eval_ok, _, eval_failed = _split_replies(final_replies, _destinations(final_messages))
+        eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
+        evaluated = server_round
+    hospitals = _per_hospital(ok, "train_examples")
+    for name, entry in _per_hospital(eval_ok, "num_examples").items():
+        hospitals.setdefault(name, {}).update(entry)
+    on_round(
+        RoundOutcome(
+            round=server_round,
+            arrays=arrays,
+            train_metrics={},
+            eval_metrics=_plain(eval_metrics),
+            hospitals=hospitals,
+            declined=declined,
+            failed={**failed, **{f"{k} (evaluate)": v for k, v in eval_failed.items()}},
+            seconds=time.perf_counter() - started,
+            privacy=privacy,
+            evaluated_round=evaluated,
+            rejected={},
+            aggregate_failure=reason,
+        )
     )
 
 

@@ -54,7 +54,7 @@ class RunPlan:
     notices: tuple[str, ...] = ()
     #: the simulation harness's way to read an encrypted global model (it holds the
     #: hospitals' key); None for a real server, which never can
-    decrypt: Callable[[ArrayRecord], dict[str, np.ndarray]] | None = None
+    decrypt: Callable[[ArrayRecord], dict[str, np.ndarray] | None] | None = None
     #: the training examples each hospital declared before round 1 (from the simulation's
     #: split, or a deployment's schema replies): a larger claim is refused
     declared: dict[str, int] = dataclasses.field(default_factory=dict)
