@@ -21,6 +21,23 @@ its number of records (as DP-SGD clips one gradient per patient). Adding or remo
 patient changes the sum by at most ``sqrt(C^2 + d/4 + d W^2 / 64)`` in L2 (the sensitivity).
 ``W = 4`` gives the squares the same share of the sensitivity as the values (their range
 is four times smaller); ``C = 2`` keeps the count's relative noise small at a modest cost.
+
+A minority of hospitals may lie (threat model). The server rejects a release that no
+records within the public ranges could have produced, by more than its own noise explains
+(:meth:`StatisticsMechanism.implausible`), and caps every accepted release's weight at
+:data:`WEIGHT_CAP` times the median count (:meth:`StatisticsMechanism.combine`). The
+guarantee: among ``k`` accepted releases, one liar's share ``a`` of the weight is at most
+``cap / (cap + ceil(k/2) - 1)`` (:func:`influence_bound`: 2/3 at k = 3, 1/2 at k = 5, 1/3
+at k = 10 with the cap of 2), because at least ``ceil(k/2) - 1`` honest hospitals count at
+least the median and none of them is capped below it. Every centre is then ``(1 - a) c_H + a
+m_L`` with ``c_H`` the honest hospitals' weighted mean and ``m_L`` the liar's, so the liar
+moves a centre by at most ``a`` times the public range (plus, for a release that oversteps
+the range within its noise allowance, six of that noise's deviations over the total count),
+and a scale stays within ``sqrt(1 - a)`` times and ``sqrt(s_H^2 + a)`` of the honest one (in
+range units: the mixture's variance). Neither the checks nor the cap touch what a hospital
+releases: they are post-processing of DP releases and cost no privacy. A majority of liars
+is out of scope (the median is theirs); the combination still ends in a centre within the
+range and a scale within the floor and ceiling.
 """
 
 from __future__ import annotations
@@ -80,7 +97,8 @@ WEIGHT_CAP = 2.0
 def influence_bound(hospitals: int, cap: float = WEIGHT_CAP) -> float:
     """The largest share of the combination's weight one hospital can take among
     ``hospitals`` accepted releases, whatever it claims (see :meth:`StatisticsMechanism.combine`):
-    ``cap / (cap + ceil(k / 2) - 1)``; 1.0 (no bound) for fewer than three hospitals."""
+    ``cap / (cap + ceil(k / 2) - 1)`` for ``cap >= 1`` and a median count of at least one
+    patient; 1.0 (no bound) for fewer than three hospitals."""
     others = math.ceil(hospitals / 2) - 1
     if others < 1 or not math.isfinite(cap):
         return 1.0

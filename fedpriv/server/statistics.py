@@ -15,8 +15,9 @@ recorded in statistics.json (``rejected``: who, why); the others go on. No accep
 weighs more than :data:`~fedpriv.privacy.statistics.WEIGHT_CAP` times the median count, so
 one liar among ``k`` accepted hospitals takes at most
 :func:`~fedpriv.privacy.statistics.influence_bound` ``= cap / (cap + ceil(k/2) - 1)`` of the
-weight, and moves any centre by at most that fraction of the feature's public range (plus
-what six standard deviations of one release's noise move the pooled sums); statistics.json
+weight, and moves any centre away from the honest hospitals' own weighted mean by at most
+that fraction of the feature's public range (plus what six standard deviations of one
+release's noise move the pooled sums); statistics.json
 records each hospital's actual share. All of this is post-processing of releases that were
 already DP: it costs no privacy, and what a hospital releases is unchanged.
 """
