@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -120,6 +121,7 @@ def _query(message: Message, context: Context) -> Message:
     return reply
 
 
+@pytest.mark.slow  # `make test-slow`: six hospitals; the server path runs in make test
 def test_a_lying_hospital_is_capped_and_a_malformed_one_rejected_in_a_real_simulation(
     tmp_path: Path,
 ) -> None:
