@@ -17,9 +17,9 @@ one liar among ``k`` accepted hospitals takes at most
 :func:`~fedpriv.privacy.statistics.influence_bound` ``= cap / (cap + ceil(k/2) - 1)`` of the
 weight, and moves any centre away from the honest hospitals' own weighted mean by at most
 that fraction of the feature's public range (plus what six standard deviations of one
-release's noise move the pooled sums); statistics.json
-records each hospital's actual share. All of this is post-processing of releases that were
-already DP: it costs no privacy, and what a hospital releases is unchanged.
+release's noise move the pooled sums); statistics.json records each hospital's actual share.
+All of this is post-processing of releases that were already DP: it costs no privacy, and
+what a hospital releases is unchanged.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def gather_statistics(grid: Grid, plan: RunPlan) -> RunPlan:
             failed[name] = "sent no statistics"
             continue
         try:
-            vector = mechanism.check(record[STATS_SUMS], who=name)  # type: ignore[arg-type]
+            vector = mechanism.check(record.get(STATS_SUMS), who=name)  # type: ignore[arg-type]
         except ConfigError as exc:
             rejected[name] = str(exc)
             continue

@@ -118,7 +118,7 @@ def test_implausible_releases_are_rejected_with_the_reason() -> None:
     assert "variance" in mechanism.implausible(_lie(1e6, 0.0, -0.1))
     assert "negative" in mechanism.implausible(_lie(-1000, 0.0, 0.1))
     # malformed: wrong length, NaN, infinite, not numbers at all
-    for bad in ([1.0, 2.0], [np.nan] * 5, [np.inf, 0, 0, 0, 0], "abcde", 3.0):
+    for bad in ([1.0, 2.0], [np.nan] * 5, [np.inf, 0, 0, 0, 0], "abcde", 3.0, None):
         with pytest.raises(ConfigError, match="hospital-9 sent"):
             mechanism.check(bad, who="hospital-9")  # type: ignore[arg-type]
 
