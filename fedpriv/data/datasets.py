@@ -546,32 +546,44 @@ def _load_csv(
     extra_idx = [i for i in other_idx if i not in feature_idx]
     if not feature_idx and feature_columns is None:  # a schema names what is missing
         raise DataError(f"'{path}' has no feature columns besides the label")
-    raw_labels: list[str] = []
-    raw_sites: list[str] = []
-    raw_patients: list[str] = []
-    matrix = np.empty((len(rows), len(feature_idx)), dtype=np.float64)
     for r, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise DataError(f"'{path}' line {r}: {len(row)} fields, the header has {len(header)}")
-        raw_labels.append(row[label_idx].strip())
-        if site_idx is not None:
-            raw_sites.append(row[site_idx].strip())
-        if patient_idx is not None:
-            patient = row[patient_idx].strip()
-            if not patient:
-                raise DataError(
-                    f"'{path}' line {r}: the patient column '{patient_column}' is empty; "
-                    "every record needs its patient's identifier"
-                )
-            raw_patients.append(patient)
-        for c, i in enumerate(feature_idx):
-            try:
-                matrix[r - 2, c] = float(row[i])
-            except ValueError:
-                raise DataError(
-                    f"'{path}' line {r}: column '{header[i]}' holds {row[i]!r}, not a number; "
-                    "encode categorical features numerically first"
-                ) from None
+    # column by column (a cell-by-cell loop cost 44 s of a 1,000-hospital simulation's
+    # start-up on a 200,000-row file); Python's float() parses each cell either way
+    columns = list(zip(*rows, strict=True))
+    raw_labels = [v.strip() for v in columns[label_idx]]
+    raw_sites = [v.strip() for v in columns[site_idx]] if site_idx is not None else []
+    raw_patients: list[str] = []
+    if patient_idx is not None:
+        raw_patients = [v.strip() for v in columns[patient_idx]]
+        if not all(raw_patients):
+            r = raw_patients.index("") + 2
+            raise DataError(
+                f"'{path}' line {r}: the patient column '{patient_column}' is empty; "
+                "every record needs its patient's identifier"
+            )
+    matrix = np.empty((len(rows), len(feature_idx)), dtype=np.float64)
+    for c, i in enumerate(feature_idx):
+        try:
+            matrix[:, c] = np.fromiter(map(float, columns[i]), dtype=np.float64, count=len(rows))
+        except ValueError:
+            for r, value in enumerate(columns[i], start=2):
+                try:
+                    float(value)
+                except ValueError:
+                    raise DataError(
+                        f"'{path}' line {r}: column '{header[i]}' holds {value!r}, not a "
+                        "number; encode categorical features numerically first"
+                    ) from None
+            raise
+        finite = np.isfinite(matrix[:, c])
+        if not finite.all():  # float() reads "nan" and "inf": a missing value, not a number
+            r = int(np.argmin(finite))
+            raise DataError(
+                f"'{path}' line {r + 2}: column '{header[i]}' holds {columns[i][r]!r}, not a "
+                "finite number; fill in or remove missing values first"
+            )
     classes = sorted(set(raw_labels), key=_natural_key)
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[v] for v in raw_labels], dtype=np.int64)
@@ -580,7 +592,7 @@ def _load_csv(
     # column of numbers by value (so "1.50" and "1.5" agree), any other as text
     numeric = {header[i]: matrix[:, c] for c, i in enumerate(feature_idx)}
     text: dict[str, np.ndarray] = {}
-    extras = [(header[i], [row[i].strip() for row in rows]) for i in extra_idx]
+    extras = [(header[i], [v.strip() for v in columns[i]]) for i in extra_idx]
     for name, values in ((label_column, raw_labels), (site_column, raw_sites), *extras):
         if name not in header or name in numeric:
             continue

@@ -107,3 +107,35 @@ def test_missing_file_and_unknown_name() -> None:
         load_dataset("/no/such/file.csv")
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         load_dataset("mnist")
+
+
+def test_csv_cells_are_read_as_python_reads_them_and_errors_name_the_line(
+    tmp_path: Path,
+) -> None:
+    """The CSV is converted column by column: every cell is the float Python makes of it,
+    and a bad cell, a short row or an empty patient id is reported on its own line."""
+    path = tmp_path / "cells.csv"
+    cells = [[" 1.5", "-0", "1e3"], ["-2E-1 ", "+3", ".5"], ["5.", "1_000", "\t2"]]
+    path.write_text("a,b,c,label\n" + "".join(",".join(r) + ",0\n" for r in cells))
+    data = load_dataset(str(path))
+    assert data.raw_features is not None
+    np.testing.assert_array_equal(
+        data.raw_features, np.array([[float(v) for v in row] for row in cells])
+    )
+    # Python's float() reads "nan" and "inf": a missing value must not become a feature
+    for missing in ("nan", "-Inf", "NaN"):
+        path.write_text(f"a,b,label\n1,2,0\n3,{missing},1\n")
+        with pytest.raises(DataError, match=f"line 3: column 'b' holds '{missing}', not a finite"):
+            load_dataset(str(path))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,label\n1,2,0\n3,4,1\n5,x7,0\n")
+    with pytest.raises(DataError, match=r"line 4: column 'b' holds 'x7', not a number"):
+        load_dataset(str(bad))
+    short = tmp_path / "short.csv"
+    short.write_text("a,b,label\n1,2,0\n3,1\n")
+    with pytest.raises(DataError, match="line 3: 2 fields, the header has 3"):
+        load_dataset(str(short))
+    patients = tmp_path / "patients.csv"
+    patients.write_text("pid,a,label\np1,1,0\np2,2,1\n ,3,0\n")
+    with pytest.raises(DataError, match=r"line 4: the patient column 'pid' is empty"):
+        load_dataset(str(patients), patient_column="pid")
