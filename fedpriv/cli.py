@@ -1031,8 +1031,8 @@ def schema_init(
         draft = draft_schema(columns, raw.record_label_codes(), derived_from=str(data))
         draft.save(out)
         console.print(
-            f"wrote {out}: {draft.width} features, {draft.num_classes} label codes, digest "
-            f"{draft.digest[:12]}"
+            f"wrote {out}: {len(draft.features)} features ({draft.width} model inputs), "
+            f"{draft.num_classes} label codes, digest {draft.digest[:12]}"
             + (f"; left out (not numbers): {', '.join(text)}" if text else ""),
             highlight=False,
         )
@@ -1065,8 +1065,10 @@ def schema_show(path: Annotated[Path, typer.Argument(help="a schema.toml")]) -> 
                 if f.kind == NUMERIC
                 else ", ".join(f"{c:g}" for c in f.categories)
             )
-            table.add_row(str(i), f.name, f.kind, values)
+            kind = f.kind if f.kind == NUMERIC else f"{f.kind}, {f.encoding}"
+            table.add_row(str(i), f.name, kind, values)
         console.print(table)
+        console.print(f"model inputs: {loaded.width}", highlight=False)
         labels = ", ".join(
             f"{lab.code}={lab.name}" if lab.name else lab.code for lab in loaded.labels
         )

@@ -229,7 +229,8 @@ def check_site(node_config: Mapping[str, Any], schema: Schema | None = None) -> 
         roles = {site.label_column, site.patient_column, "site"}
         ignored = sorted(set(data.source.columns) - set(schema.feature_names) - roles)
         found.append(
-            f"schema: matches ({schema.width} features, {schema.num_classes} label codes, "
+            f"schema: matches ({len(schema.features)} features, {schema.width} model inputs, "
+            f"{schema.num_classes} label codes, "
             f"digest {schema.digest[:12]})"
             + (f"; columns not in it are ignored: {', '.join(ignored)}" if ignored else "")
         )

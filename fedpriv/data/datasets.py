@@ -135,8 +135,10 @@ class Dataset:
     ``features`` is float32: ``(n, d)`` for tabular data, ``(n, channels, height, width)``
     for images. ``labels`` is int64 in ``[0, num_classes)``. ``test_indices``, when set, is
     the dataset's own held-back test split (MedMNIST's ``test_*``); otherwise the simulation
-    draws one. ``feature_names`` names the columns of a tabular ``features`` in model order
-    (what an attribute-inference audit lets the user point at); empty when unnamed.
+    draws one. ``feature_names`` names the features in model order (what an
+    attribute-inference audit lets the user point at); empty when unnamed. Each is one column
+    of ``features`` except a schema's one-hot feature, which spreads over one column per
+    category: ``input_names`` names every column.
     """
 
     name: str
@@ -159,6 +161,16 @@ class Dataset:
     @property
     def kind(self) -> str:
         return "image" if self.features.ndim == 4 else "tabular"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """One name per column of a tabular ``features`` (``name=code`` for a one-hot
+        feature's columns); ``feature_i`` when unnamed."""
+        if self.schema is not None and self.kind == "tabular":
+            return self.schema.input_names
+        width = int(np.prod(self.features.shape[1:]))
+        names = tuple(self.feature_names)
+        return names if len(names) == width else tuple(f"feature_{i}" for i in range(width))
 
     @property
     def normalisation(self) -> str:

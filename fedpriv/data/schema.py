@@ -7,12 +7,20 @@ with one line naming the column.
 
 Normalisation: a numeric feature maps its range ``[min, max]`` linearly onto ``[0, 1]``, or,
 when the schema gives a public reference ``centre`` and ``scale`` (e.g. population norms, or
-the published statistics of a public dataset), becomes ``(x - centre) / scale``; a
-categorical feature maps the i-th of its k listed categories onto ``i / (k - 1)`` (one column
-per feature, so the model's input width is the number of features and a feature's name points
-at one input column). Columns a file holds beyond the schema's are ignored: they never reach
-the model (a site's local identifiers or notes are common and harmless there), though they
-still identify the record in the privacy ledger, exactly as without a schema.
+the published statistics of a public dataset), becomes ``(x - centre) / scale``. A
+categorical feature is encoded as its ``encoding`` says:
+
+- ``ordinal`` (the default, and what every schema without the key means): one column, the
+  i-th of its k listed categories (in ascending code order) mapped onto ``i / (k - 1)``. Right
+  for ordered codes (a stage, a grade); for nominal ones (a blood type, a ward) it imposes an
+  order and spacing the codes do not have.
+- ``one-hot``: k columns, the one of the record's category set to 1, the others 0; a model
+  then learns any effect per category. The input columns are named ``name=code``.
+
+The model's input width is the sum of the features' widths (1 per numeric or ordinal feature,
+k per one-hot one), in schema order. Columns a file holds beyond the schema's are ignored: they
+never reach the model (a site's local identifiers or notes are common and harmless there),
+though they still identify the record in the privacy ledger, exactly as without a schema.
 
 File format (``schema.toml``)::
 
@@ -26,6 +34,11 @@ File format (``schema.toml``)::
     name = "sex"
     kind = "categorical"
     categories = [1, 2]
+    [[feature]]
+    name = "blood type"
+    kind = "categorical"
+    categories = [1, 2, 3, 4]
+    encoding = "one-hot"
     [[label]]
     code = "0"
     name = "benign"
@@ -47,7 +60,10 @@ from fedpriv.errors import ConfigError
 
 __all__ = [
     "CATEGORICAL",
+    "ENCODINGS",
     "NUMERIC",
+    "ONE_HOT",
+    "ORDINAL",
     "Feature",
     "Label",
     "Schema",
@@ -61,6 +77,10 @@ __all__ = [
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
+#: how a categorical feature becomes model inputs (see the module's text)
+ORDINAL = "ordinal"
+ONE_HOT = "one-hot"
+ENCODINGS = (ORDINAL, ONE_HOT)
 _BUILTIN = Path(__file__).parent / "schemas"
 _SHOWN = 3  # offending records named per problem
 
@@ -78,10 +98,22 @@ class Feature:
     #: ``(x - centre) / scale`` instead of the range mapped onto [0, 1]
     centre: float | None = None
     scale: float | None = None
+    #: categorical only: ordinal (one column) or one-hot (one column per category)
+    encoding: str = ORDINAL
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("a schema feature needs a name")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(
+                f"schema feature '{self.name}': unknown encoding '{self.encoding}' "
+                f"(use {' or '.join(ENCODINGS)})"
+            )
+        if self.kind != CATEGORICAL and self.encoding != ORDINAL:
+            raise ConfigError(
+                f"schema feature '{self.name}': encoding {self.encoding} is for categorical "
+                "features (a numeric one is one column)"
+            )
         if (self.centre is None) != (self.scale is None):
             raise ConfigError(
                 f"schema feature '{self.name}': give both centre and scale, or neither"
@@ -125,16 +157,33 @@ class Feature:
         more = ", ..." if rows.size > _SHOWN else ""
         return f"column '{self.name}': {rows.size} value(s) {what}: {shown}{more}"
 
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        """The public, per-record transformation (nothing here depends on other records)."""
+    @property
+    def width(self) -> int:
+        """How many model input columns this feature takes."""
+        return len(self.categories) if self.encoding == ONE_HOT else 1
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The names of its model input columns: its own, or ``name=code`` per category
+        (ascending code order, as ``encode`` places them)."""
+        if self.encoding == ONE_HOT:
+            return tuple(f"{self.name}={c:g}" for c in sorted(self.categories))
+        return (self.name,)
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """The public, per-record transformation, ``(n,)`` raw values to ``(n, width)``
+        inputs (nothing here depends on other records). A category is its rank among the
+        listed codes (ascending); values are checked against the list before (``problem``)."""
+        values = np.asarray(values, dtype=np.float64)
         if self.kind == NUMERIC and self.centre is not None and self.scale is not None:
-            return (values - self.centre) / self.scale
+            return ((values - self.centre) / self.scale)[:, None]
         if self.kind == NUMERIC:
-            return (values - self.minimum) / (self.maximum - self.minimum)
-        codes = np.asarray(self.categories, dtype=np.float64)
-        order = np.argsort(codes)
-        position = order[np.searchsorted(codes[order], values).clip(0, codes.size - 1)]
-        return position / max(codes.size - 1, 1)
+            return ((values - self.minimum) / (self.maximum - self.minimum))[:, None]
+        codes = np.sort(np.asarray(self.categories, dtype=np.float64))
+        rank = np.searchsorted(codes, values).clip(0, codes.size - 1)
+        if self.encoding == ONE_HOT:
+            return (rank[:, None] == np.arange(codes.size)[None, :]).astype(np.float64)
+        return (rank / max(codes.size - 1, 1))[:, None]
 
     def to_toml(self) -> str:
         lines = ["[[feature]]", f"name = {_quote(self.name)}", f'kind = "{self.kind}"']
@@ -144,6 +193,7 @@ class Feature:
                 lines += [f"centre = {_number(self.centre)}", f"scale = {_number(self.scale)}"]
         else:
             lines.append(f"categories = [{', '.join(_number(c) for c in self.categories)}]")
+            lines.append(f'encoding = "{self.encoding}"')
         return "\n".join(lines)
 
 
@@ -187,8 +237,23 @@ class Schema:
 
     @property
     def width(self) -> int:
-        """The model's input width: one column per feature."""
-        return len(self.features)
+        """The model's input width: the sum of the features' widths (1 per numeric or
+        ordinal feature, k per one-hot feature of k categories)."""
+        return sum(f.width for f in self.features)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """One name per model input column, in model order (``name=code`` for one-hot)."""
+        return tuple(n for f in self.features for n in f.input_names)
+
+    def input_columns(self, name: str) -> range:
+        """The model input columns of the feature ``name`` (KeyError if none)."""
+        start = 0
+        for feature in self.features:
+            if feature.name == name:
+                return range(start, start + feature.width)
+            start += feature.width
+        raise KeyError(name)
 
     @property
     def num_classes(self) -> int:
@@ -200,13 +265,16 @@ class Schema:
 
     @property
     def digest(self) -> str:
-        """SHA-256 of what the schema means (features, ranges, categories, labels): two sites
-        with the same digest read every feature and label the same way."""
+        """SHA-256 of what the schema means (features, ranges, categories, encodings, labels):
+        two sites with the same digest read every feature and label the same way. The ordinal
+        encoding adds nothing to a feature's entry, so a schema written before encodings
+        existed (all ordinal) keeps its digest; one-hot is a different meaning and digest."""
         meaning = {
             "features": [
                 [f.name, f.kind, f.minimum, f.maximum, f.centre, f.scale]
                 if f.kind == NUMERIC
                 else [f.name, f.kind, list(f.categories)]
+                + ([f.encoding] if f.encoding != ORDINAL else [])
                 for f in self.features
             ],
             "labels": [[lab.code, lab.name] for lab in self.labels],
@@ -242,14 +310,16 @@ class Schema:
         return found
 
     def normalise(self, raw: np.ndarray) -> np.ndarray:
-        """Raw ``(n, width)`` values in schema order -> float32 model inputs; uses
-        nothing but the schema, so a record normalises the same at every site."""
+        """Raw ``(n, features)`` values in schema order -> ``(n, width)`` float32 model
+        inputs; uses nothing but the schema, so a record normalises the same at every site."""
         matrix = np.asarray(raw, dtype=np.float64)
-        if matrix.ndim != 2 or matrix.shape[1] != self.width:
-            raise ValueError(f"expected (n, {self.width}) raw values, got {matrix.shape}")
-        out = np.empty(matrix.shape, dtype=np.float64)
+        if matrix.ndim != 2 or matrix.shape[1] != len(self.features):
+            raise ValueError(f"expected (n, {len(self.features)}) raw values, got {matrix.shape}")
+        out = np.empty((matrix.shape[0], self.width), dtype=np.float64)
+        start = 0
         for j, feature in enumerate(self.features):
-            out[:, j] = feature.transform(matrix[:, j])
+            out[:, start : start + feature.width] = feature.encode(matrix[:, j])
+            start += feature.width
         return out.astype(np.float32)
 
     def with_reference(self, statistics: Mapping[str, tuple[float, float]]) -> Schema:
@@ -283,6 +353,8 @@ class Schema:
                 f"# DRAFT derived from '{self.derived_from}': the ranges and categories are that",
                 "# file's own extremes, which reveal its records' minima and maxima. Replace them",
                 "# with public ranges the federation agrees on before sharing this file.",
+                "# Categorical columns with three or more codes are one-hot (a draft cannot tell",
+                '# whether codes are ordered); set encoding = "ordinal" where they are (a stage).',
             ]
         head.append(f"name = {_quote(self.name)}")
         if self.derived_from:
@@ -328,9 +400,19 @@ class Schema:
 def _feature(table: Mapping[str, Any]) -> Feature:
     kind = str(table.get("kind", NUMERIC))
     name = str(table["name"])
-    unknown = sorted(set(table) - {"name", "kind", "min", "max", "categories", "centre", "scale"})
+    keys = {"name", "kind", "min", "max", "categories", "centre", "scale", "encoding"}
+    unknown = sorted(set(table) - keys)
     if unknown:
         raise ConfigError(f"feature '{name}' has an unknown key '{unknown[0]}'")
+    encoding = table.get("encoding", ORDINAL)
+    if not isinstance(encoding, str) or encoding not in ENCODINGS:
+        raise ConfigError(
+            f"feature '{name}': encoding {encoding!r} is not one of {', '.join(ENCODINGS)}"
+        )
+    if kind == NUMERIC and "encoding" in table:
+        raise ConfigError(
+            f"feature '{name}': encoding is for categorical features (a numeric one is one column)"
+        )
     try:
         bounds = (float(table["min"]), float(table["max"])) if kind == NUMERIC else (0.0, 1.0)
         categories = tuple(float(c) for c in table["categories"]) if kind == CATEGORICAL else ()
@@ -347,6 +429,7 @@ def _feature(table: Mapping[str, Any]) -> Feature:
             categories=categories,
             centre=centre,
             scale=scale,
+            encoding=encoding,
         )
     return Feature(name=name, kind=kind)  # refused with its reason
 
@@ -421,7 +504,14 @@ def draft_schema(
 ) -> Schema:
     """A first schema from one file, for the federation to review: integer columns with at
     most ``max_categories`` values, each held by two records on average, become categorical;
-    others numeric over the file's range rounded outward. Marked as derived from that file."""
+    others numeric over the file's range rounded outward. Marked as derived from that file.
+
+    A categorical column of three or more codes is drafted one-hot: nothing in a file says
+    whether its codes are ordered (a stage) or nominal (a ward), and one-hot is right for
+    both (a linear layer over one-hot columns can weight each category as an ordinal column
+    would, while an ordinal column forces a monotone, evenly spaced effect on nominal codes),
+    at the cost of k - 1 more inputs. A two-code column stays ordinal: one column already
+    lets a model give each code its own effect, and one-hot would only duplicate it."""
     features = []
     for name, raw in columns.items():
         values = np.asarray(raw, dtype=np.float64)
@@ -431,7 +521,12 @@ def draft_schema(
         few = distinct.size <= max_categories and 2 * distinct.size <= values.size
         if few and np.all(distinct == np.round(distinct)):
             features.append(
-                Feature(name=name, kind=CATEGORICAL, categories=tuple(float(c) for c in distinct))
+                Feature(
+                    name=name,
+                    kind=CATEGORICAL,
+                    categories=tuple(float(c) for c in distinct),
+                    encoding=ONE_HOT if distinct.size >= 3 else ORDINAL,
+                )
             )
             continue
         low, high = _round_outward(float(distinct[0]), float(distinct[-1]))

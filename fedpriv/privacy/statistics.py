@@ -22,6 +22,11 @@ patient changes the sum by at most ``sqrt(C^2 + d/4 + d W^2 / 64)`` in L2 (the s
 ``W = 4`` gives the squares the same share of the sensitivity as the values (their range
 is four times smaller); ``C = 2`` keeps the count's relative noise small at a modest cost.
 
+``d`` counts the schema's *numeric* features only. Categorical features, ordinal or one-hot,
+release nothing: their encoding is fixed by the schema's category list (a one-hot column is
+0 or 1 and needs no centre or scale), so a one-hot feature's k model inputs add nothing to
+the vector or to its sensitivity, and the argument above holds unchanged.
+
 A minority of hospitals may lie (threat model). The server rejects a release that no
 records within the public ranges could have produced, by more than its own noise explains
 (:meth:`StatisticsMechanism.implausible`), and caps every accepted release's weight at

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedpriv.config import STATS_SHARE, RunConfig
-from fedpriv.data.schema import CATEGORICAL, Feature, Label, Schema
+from fedpriv.data.schema import CATEGORICAL, ONE_HOT, Feature, Label, Schema
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.statistics import (
     COUNT_WEIGHT,
@@ -48,6 +48,26 @@ def test_categorical_features_are_not_released_and_keep_the_schemas_mapping() ->
     only_categories = Schema(features=(SCHEMA.features[1],), labels=SCHEMA.labels)
     with pytest.raises(ConfigError, match="at least one numeric feature"):
         StatisticsMechanism.for_schema(only_categories, 1.0)
+
+
+def test_a_one_hot_feature_releases_nothing_and_keeps_its_columns() -> None:
+    """One-hot columns are 0 or 1 by the schema's category list: no centre or scale is
+    released for them, so the vector and its sensitivity are those of the ordinal schema."""
+    ward = Feature("ward", kind=CATEGORICAL, categories=(1.0, 2.0, 3.0), encoding=ONE_HOT)
+    schema = Schema(features=(*SCHEMA.features, ward), labels=SCHEMA.labels)
+    mechanism = StatisticsMechanism.for_schema(schema, 1.0)
+    assert mechanism.names == ("age", "bp") and mechanism.columns == (0, 2)
+    assert mechanism.width == 5 and mechanism.sensitivity == _mechanism().sensitivity
+    reference = schema.with_reference({"age": (40.0, 10.0), "bp": (120.0, 20.0)})
+    assert reference.features[3].encoding == ONE_HOT and reference.width == 6
+    raw = np.array([[50.0, 2.0, 140.0, 3.0], [40.0, 1.0, 120.0, 1.0]])
+    assert np.allclose(reference.normalise(raw), [[1, 1, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0]])
+    rows = mechanism.contributions(raw, np.array([0, 1]))
+    assert rows.shape == (2, 5)
+    assert np.allclose(
+        rows,
+        StatisticsMechanism.for_schema(SCHEMA, 1.0).contributions(raw[:, :3], np.array([0, 1])),
+    )
 
 
 def test_sensitivity_is_the_largest_patient_contribution_by_brute_force() -> None:

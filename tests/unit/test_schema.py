@@ -357,7 +357,10 @@ def test_cli_site_check_lists_every_mismatched_column(tmp_path: Path, schema_fil
         f'data-path = "{good}"\npatient-column = "patient"\nledger-path = "{tmp_path / "l.db"}"\n'
     )
     result = runner.invoke(app, ["site", "check", str(site), "--schema", str(schema_file)])
-    assert result.exit_code == 0 and "schema: matches (3 features, 3 label codes" in result.output
+    assert (
+        result.exit_code == 0
+        and "schema: matches (3 features, 3 model inputs, 3 label codes" in result.output
+    )
 
 
 def test_cli_schema_init_and_its_refusals(tmp_path: Path) -> None:

@@ -26,7 +26,11 @@ from torch import nn
 
 from fedpriv.errors import ConfigError, DataError
 from fedpriv.privacy.audit.base import Audit, AuditInputs, AuditResult, register_audit
-from fedpriv.privacy.audit.sensitive import SensitiveAttribute, sensitive_attribute
+from fedpriv.privacy.audit.sensitive import (
+    SensitiveAttribute,
+    feature_columns,
+    sensitive_attribute,
+)
 
 __all__ = [
     "Advantage",
@@ -86,14 +90,15 @@ def attack_log_likelihoods(
     model: nn.Module,
     features: np.ndarray,
     labels: np.ndarray,
-    column: int,
+    column: int | list[int],
     candidates: np.ndarray,
     *,
     batch_size: int = 4096,
 ) -> np.ndarray:
-    """``(n, k)``: log p_model(label | record with ``column`` set to ``candidates[k]``)."""
+    """``(n, k)``: log p_model(label | record with ``column`` set to ``candidates[k]``);
+    a list of columns (a one-hot feature) is set to the row ``candidates[k]``."""
     model.eval()
-    out = np.empty((labels.shape[0], candidates.size))
+    out = np.empty((labels.shape[0], len(candidates)))
     for start in range(0, labels.shape[0], batch_size):
         x = np.array(features[start : start + batch_size], dtype=np.float32)
         y = torch.from_numpy(labels[start : start + batch_size])
@@ -226,7 +231,7 @@ class AttributeAudit(Audit):
             return "attribute inference needs the hospitals' records, which only a simulation holds"
         if inputs.dataset.kind != "tabular":
             return "attribute inference needs a tabular dataset with a column to hide"
-        if inputs.dataset.features.shape[1] < 2:
+        if inputs.dataset.features.shape[1] < 2 or len(feature_columns(inputs.dataset)) < 2:
             return "attribute inference needs at least two feature columns"
         if np.asarray(inputs.population).size < MIN_RECORDS:
             return (
@@ -248,13 +253,16 @@ class AttributeAudit(Audit):
         rng = np.random.default_rng(inputs.seed)
         x = dataset.features
         y = dataset.labels
-        k = attr.candidates.size
+        k = len(attr.candidates)
 
         def aux(index: np.ndarray) -> np.ndarray:
-            return np.delete(x[index], attr.index, axis=1).astype(np.float64)
+            return np.delete(x[index], attr.hidden, axis=1).astype(np.float64)
+
+        def truth(index: np.ndarray) -> np.ndarray:
+            return attr.classes(x[index][:, attr.hidden].astype(np.float64))
 
         inputs.tick("attribute: imputation", 0, 3)
-        known = attr.classes(x[population, attr.index].astype(np.float64))
+        known = truth(population)
         prior = Imputer(k, with_label=False, num_labels=dataset.num_classes)
         prior.fit(aux(population), y[population], known)
         imputer = Imputer(k, with_label=True, num_labels=dataset.num_classes)
@@ -272,11 +280,11 @@ class AttributeAudit(Audit):
                 keep = np.sort(rng.choice(index.size, cap, replace=False))
                 index, owner = index[keep], owner[keep]
             likelihood = attack_log_likelihoods(
-                inputs.model, x[index], y[index], attr.index, attr.candidates
+                inputs.model, x[index], y[index], attr.hidden, attr.candidates
             )
             groups[group] = _Guesses(
                 owner=owner,
-                truth=attr.classes(x[index, attr.index].astype(np.float64)),
+                truth=truth(index),
                 attack=(likelihood + prior.log_proba(aux(index), y[index])).argmax(axis=1),
                 imputation=imputer.log_proba(aux(index), y[index]).argmax(axis=1),
             )
@@ -347,6 +355,7 @@ def _result(
         "sensitive_feature": {
             "name": attr.name,
             "index": attr.index,
+            "columns": list(attr.columns),
             "chosen_by": attr.chosen_by,
             "encoding": attr.encoding,
             "classes": list(attr.labels),

@@ -4,6 +4,10 @@ The user names the column (by name or index); a categorical one (few distinct va
 diagnosis code) is guessed among its values, any other above or below the population median.
 The attacker works in the model's feature space: the dataset's standardised columns (the
 standardisation uses the whole dataset's statistics, as the model's own input does).
+
+A feature the schema one-hot encodes spans one model column per category: it is hidden and
+guessed as a whole (its candidates are the k one-hot rows), never one of its columns alone,
+which would leave the others giving it away. Names and indices are the schema's features.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fedpriv.errors import ConfigError, DataError
 __all__ = [
     "CATEGORICAL_MAX",
     "SensitiveAttribute",
+    "feature_columns",
     "resolve_sensitive_feature",
     "sensitive_attribute",
 ]
@@ -35,50 +40,73 @@ class SensitiveAttribute:
     (class 1: above it) and each side is represented by the population median of that side.
     """
 
-    index: int
+    index: int  # the feature's first model column
     name: str
     chosen_by: str
-    encoding: str  # "categorical" or "median-split"
-    candidates: np.ndarray
+    encoding: str  # "categorical", "median-split" or "one-hot"
+    candidates: np.ndarray  # (k,), or (k, columns) for a one-hot feature
     labels: tuple[str, ...]  # each class in the file's units, for people
     threshold: float | None = None  # model space, median split only
+    #: every model column of the feature (one, or one per category when one-hot)
+    columns: tuple[int, ...] = ()
+
+    @property
+    def hidden(self) -> int | list[int]:
+        """The model columns to hide: an index, or a list for a one-hot feature."""
+        return list(self.columns) if len(self.columns) > 1 else self.index
 
     def classes(self, values: np.ndarray) -> np.ndarray:
-        """The class of each record's true value."""
+        """The class of each record's true value (``values``: ``features[:, hidden]``)."""
         if self.threshold is not None:
             return (values > self.threshold).astype(np.int64)
+        if self.candidates.ndim == 2:
+            distance = np.abs(values[:, None, :] - self.candidates[None, :, :]).sum(axis=2)
+            return distance.argmin(axis=1)
         return np.abs(values[:, None] - self.candidates[None, :]).argmin(axis=1)
 
 
-def _names(dataset: Any) -> tuple[str, ...]:
+def feature_columns(dataset: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Each feature's name and model columns, in model order."""
+    schema = getattr(dataset, "schema", None)
+    if schema is not None and getattr(dataset, "kind", "tabular") == "tabular":
+        return tuple((f.name, tuple(schema.input_columns(f.name))) for f in schema.features)
     width = int(dataset.features.shape[1])
     names = tuple(dataset.feature_names)
-    return names if len(names) == width else tuple(f"feature_{i}" for i in range(width))
+    if len(names) != width:
+        names = tuple(f"feature_{i}" for i in range(width))
+    return tuple((n, (i,)) for i, n in enumerate(names))
+
+
+def _names(dataset: Any) -> tuple[str, ...]:
+    return tuple(name for name, _ in feature_columns(dataset))
 
 
 def resolve_sensitive_feature(
     dataset: Any, spec: str | int | None, population: np.ndarray
 ) -> tuple[int, str]:
-    """The column ``spec`` names (a feature name, else an index), and how it was chosen.
+    """The feature ``spec`` names (a feature name, else an index among the features), and
+    how it was chosen; a feature is one model column, or a one-hot feature's columns.
 
     With no ``spec`` the default is the first categorical column (few distinct values, like a
-    diagnosis code), else the column most correlated with the label in the population: the
-    one a model is most likely to have learned something about.
+    diagnosis code, or a one-hot feature), else the column most correlated with the label in
+    the population: the one a model is most likely to have learned something about.
     """
+    groups = feature_columns(dataset)
     names = _names(dataset)
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         features = dataset.features
-        for i in range(len(names)):
-            if np.unique(features[:, i]).size <= CATEGORICAL_MAX:
+        for i, (_, columns) in enumerate(groups):
+            if len(columns) > 1 or np.unique(features[:, columns[0]]).size <= CATEGORICAL_MAX:
                 return i, f"default: the first column with at most {CATEGORICAL_MAX} values"
         x = features[population].astype(np.float64)
         y = dataset.labels[population].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.nan_to_num(np.corrcoef(np.column_stack([x, y]), rowvar=False)[-1, :-1])
-        best = int(np.abs(r).argmax())
+        strength = np.array([np.abs(r[list(columns)]).max() for _, columns in groups])
+        best = int(strength.argmax())
         return (
             best,
-            f"default: the column most correlated with the label (|r| = {abs(r[best]):.2f})",
+            f"default: the column most correlated with the label (|r| = {strength[best]:.2f})",
         )
     text = str(spec).strip()
     if text in names:
@@ -103,8 +131,15 @@ def sensitive_attribute(
     dataset: Any, spec: str | int | None, population: np.ndarray
 ) -> SensitiveAttribute:
     """Resolve ``spec`` and decide what the attacker guesses between."""
-    index, chosen_by = resolve_sensitive_feature(dataset, spec, population)
-    name = _names(dataset)[index]
+    position, chosen_by = resolve_sensitive_feature(dataset, spec, population)
+    name, columns = feature_columns(dataset)[position]
+    index = columns[0]
+    if len(columns) > 1:
+        k = len(columns)
+        codes = tuple(n.split("=", 1)[1] for n in dataset.schema.input_names[index : index + k])
+        return SensitiveAttribute(
+            index, name, chosen_by, "one-hot", np.eye(k), codes, columns=columns
+        )
     column = dataset.features[:, index].astype(np.float64)
     raw = _raw_column(dataset, name)
     values = np.unique(column)
@@ -113,7 +148,9 @@ def sensitive_attribute(
         labels = tuple(
             _fmt(raw[i]) if raw is not None else _fmt(v) for i, v in zip(first, values, strict=True)
         )
-        return SensitiveAttribute(index, name, chosen_by, "categorical", values, labels)
+        return SensitiveAttribute(
+            index, name, chosen_by, "categorical", values, labels, columns=columns
+        )
     known = column[population]
     threshold = float(np.median(known))
     low, high = known[known <= threshold], known[known > threshold]
@@ -131,6 +168,7 @@ def sensitive_attribute(
         np.array([np.median(low), np.median(high)]),
         (f"<= {shown}", f"> {shown}"),
         threshold,
+        columns,
     )
 
 
