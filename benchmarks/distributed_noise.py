@@ -68,9 +68,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
-            for mode in ("local", "distributed"):
-                runs = []
-                for seed in args.seeds:
+            runs: dict[str, list[dict[str, Any]]] = {"local": [], "distributed": []}
+            for seed in args.seeds:  # the two modes side by side, seed by seed
+                for mode, found in runs.items():
                     settings = {
                         "dataset": dataset,
                         "hospitals": args.hospitals,
@@ -83,9 +83,13 @@ def main() -> None:
                         "distributed-noise": mode == "distributed",
                         "noise-colluders": args.noise_colluders,
                     }
-                    runs.append(one_run(settings, Path(tmp), f"{dataset}-{mode}-{seed}"))
-                    print(json.dumps({"dataset": dataset, "mode": mode, "seed": seed, **runs[-1]}))
-                accuracies = [r["accuracy"] for r in runs]
+                    found.append(one_run(settings, Path(tmp), f"{dataset}-{mode}-{seed}"))
+                    print(
+                        json.dumps({"dataset": dataset, "mode": mode, "seed": seed, **found[-1]}),
+                        flush=True,
+                    )
+            for mode, found in runs.items():
+                accuracies = [r["accuracy"] for r in found]
                 results.append(
                     {
                         "dataset": dataset,
@@ -94,7 +98,7 @@ def main() -> None:
                         "accuracy_mean": sum(accuracies) / len(accuracies),
                         "accuracy_min": min(accuracies),
                         "accuracy_max": max(accuracies),
-                        "runs": runs,
+                        "runs": found,
                     }
                 )
     print()

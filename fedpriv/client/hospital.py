@@ -476,6 +476,7 @@ def train_round(
                     units=loader.num_units,
                     sample_rate=plan.sample_rate,
                 ),
+                values=sum(int(v.size) for v in before.values()) + 1,  # and the weight
             )
         except FedprivError as exc:
             return RoundResult(arrays=None, stats=None, declined=f"{data.name} declines: {exc}")

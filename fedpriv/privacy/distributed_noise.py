@@ -46,9 +46,14 @@ declared sizes, and each hospital checks ``a_i sigma_i <= rho`` before it trains
 the round otherwise: its patients would be under-protected). With one record per patient
 ``a_i = 1 / q_i``.
 
-Not covered: the fixed-point rounding of secure aggregation (steps of about 1e-8 of the
-update's range) is treated as exact, as for client-level distributed DP; a rigorous treatment
-needs a discrete mechanism (Kairouz, Liu, Steinke 2021).
+Rounding. Secure aggregation rounds every value of a hospital's vector to its fixed-point
+grid (step ``s`` in the units of the sum, about 1e-8 of the range), so one patient can move
+the sum by up to ``sqrt(d) s`` more than ``a_i C``. As for client-level distributed DP (the
+README), that is counted as sensitivity: every hospital scales its share up by
+``1 + sqrt(d) s' / C`` (``s'``: the step in the units of a hospital's gradient sum, ``rounding``
+below; ``a_i >= 1``, so this covers every hospital), about 3e-5 on breast-cancer's MLP. The
+argument treats the rounding as a bounded perturbation of the contribution, not as a discrete
+mechanism (Kairouz, Liu, Steinke 2021 analyse that exactly); the same holds for client-level DP.
 """
 
 from __future__ import annotations
@@ -127,6 +132,9 @@ class NoiseSplit:
     colluders: int
     #: ``rho``: the noise multiplier, in the units of the sum, honest shares add up to
     scale: float
+    #: secure aggregation's fixed-point step in units of a hospital's gradient sum (its step
+    #: times the weight unit over the server learning rate); 0: no rounding
+    rounding: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.colluders < self.threshold:
@@ -142,9 +150,10 @@ class NoiseSplit:
         """Honest hospitals in any sum the server can unmask, at least."""
         return self.threshold - self.colluders
 
-    def added(self, plan: DpPlan, scale_of_hospital: float) -> float:
-        """The noise multiplier this hospital adds itself; FedprivError if the run's shares
-        would not cover its own patients (``a_i sigma_i > rho``)."""
+    def added(self, plan: DpPlan, scale_of_hospital: float, *, values: int = 0) -> float:
+        """The noise multiplier this hospital adds itself, for a secure-aggregation vector of
+        ``values`` values; FedprivError if the run's shares would not cover its own patients
+        (``a_i sigma_i > rho``)."""
         needed = scale_of_hospital * plan.noise_multiplier
         if needed > self.scale * (1 + _SLACK):
             raise FedprivError(
@@ -152,7 +161,8 @@ class NoiseSplit:
                 f"sum, the run's shares give {self.scale:.6g} (its patients hold several "
                 "records each, or its size is not the one it declared): it declines the round"
             )
-        return self.scale / (scale_of_hospital * math.sqrt(self.honest))
+        rounding = 1.0 + math.sqrt(values) * self.rounding / plan.max_grad_norm
+        return rounding * self.scale / (scale_of_hospital * math.sqrt(self.honest))
 
     def fallback_multiplier(self, plan: DpPlan) -> float:
         """What covers a patient if the assumption fails: its hospital's own share."""
@@ -178,6 +188,7 @@ class NoiseSplit:
             "threshold": self.threshold,
             "honest_shares": self.honest,
             "scale": self.scale,
+            "rounding": self.rounding,
             "added_noise_multiplier": added,
             "conditional_noise_multiplier": plan.noise_multiplier,
             "fallback_noise_multiplier": self.fallback_multiplier(plan),

@@ -185,7 +185,16 @@ class SecAggHospital(HospitalSide):
                 f"distributed noise: the order assumes {colluders} colluders, the run's "
                 f"setting is {self.colluders}"
             )
-        return NoiseSplit(threshold=stored.threshold, colluders=colluders, scale=scale)
+        quantizer = Quantizer(
+            bound=float(order.extra["bound"]),
+            parties=len(json.loads(str(order.extra[PARTICIPANTS]))),
+        )
+        return NoiseSplit(
+            threshold=stored.threshold,
+            colluders=colluders,
+            scale=scale,
+            rounding=quantizer.step * float(order.extra["weight-unit"]) / order.config.server_lr,
+        )
 
     def encode(
         self, order: Any, update: Update, state: Any

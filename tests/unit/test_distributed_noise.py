@@ -193,3 +193,13 @@ def test_the_ledger_records_the_full_noise_and_the_assumption(tmp_path: Path) ->
         "threshold": 4,
         "scale": 2.0,
     }
+
+
+def test_shares_grow_by_what_rounding_can_add_to_the_sensitivity() -> None:
+    plan = _plan(300)
+    exact = NoiseSplit(threshold=3, colluders=1, scale=100.0)
+    rounded = NoiseSplit(threshold=3, colluders=1, scale=100.0, rounding=1e-6)
+    values = 10_001
+    factor = rounded.added(plan, 5.0, values=values) / exact.added(plan, 5.0, values=values)
+    # one patient moves the rounded sum by up to a C + sqrt(d) step (a >= 1 covers all)
+    assert factor == pytest.approx(1 + math.sqrt(values) * 1e-6 / plan.max_grad_norm)
