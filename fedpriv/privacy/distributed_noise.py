@@ -4,7 +4,7 @@ record-level noise of a one-step (FedSGD) round (``distributed-noise = true``).
 Without it, every hospital's DP-SGD step adds the full Gaussian noise ``sigma C`` its own
 patients need, and the sum the server unmasks carries ``k`` of them. The server never sees
 one update, only the sum, so what protects a patient of hospital ``i`` is the noise *in the
-sum*. Each hospital therefore adds ``sigma C / sqrt(m - t)`` (in the units of the sum, see
+sum*. Each hospital therefore adds ``sigma C / sqrt(t - c)`` (in the units of the sum, see
 ``scale`` below), and the sum holds at least the full ``sigma C`` from honest hospitals.
 
 Threat model (the guarantee is conditional on it; privacy.json and the ledger's run plan say
@@ -12,39 +12,40 @@ so):
 
 - the server is honest-but-curious: it runs the protocol (the same orders to everyone) and
   tries to learn from what it sees;
-- at most ``t`` hospitals (``noise-colluders``) collude with it: they know, and can subtract,
+- at most ``c`` hospitals (``noise-colluders``) collude with it: they know, and can subtract,
   their own noise shares (a hospital that adds no noise at all counts as one of them);
 - hospitals may drop out: secure aggregation (:mod:`fedpriv.protocols.secagg`) unmasks a
-  round only when at least its threshold ``m`` of the hospitals sent their masked update,
+  round only when at least its threshold ``t`` of the hospitals sent their masked update,
   and never unmasks one alone or a sum over fewer.
 
-So any sum the server can unmask holds the shares of at least ``m - t`` honest hospitals,
-each ``N(0, (sigma C)^2 / (m - t))`` per value: in total at least ``(sigma C)^2``. One
+So any sum the server can unmask holds the shares of at least ``t - c`` honest hospitals,
+each ``N(0, (sigma C)^2 / (t - c))`` per value: in total at least ``(sigma C)^2``. One
 patient's clipped gradient enters one hospital's sum only (sensitivity ``C``); the Poisson
 sampling of patients is that hospital's own (rate ``q``); the other hospitals' terms do not
 depend on the patient. So each round, the sum is (post-processing of) a Poisson-subsampled
 Gaussian mechanism with noise multiplier at least ``sigma`` on that hospital's patients, and
 the hospital's ledger records ``(sigma, q, steps)``: the accounting of local noise, unchanged.
-If the assumption fails (``t`` or more honest shares are missing: more colluders, or a server
-that sums fewer hospitals than ``m``), a patient is still covered by its own hospital's share:
-multiplier ``sigma / sqrt(m - t)``. Both epsilons are reported.
+If the assumption fails (more than ``c`` colluders, or a server that deviates and unmasks a
+sum over fewer than ``t`` hospitals), a patient is still covered by its own hospital's share:
+multiplier ``sigma / sqrt(t - c)`` (assuming its own hospital honest). Both epsilons are
+reported.
 
-The default ``t`` is the project's threat model: a minority of the ``k`` hospitals may
-collude, ``floor((k - 1) / 2)``, capped at ``m - 1`` because secure aggregation itself gives
-nothing against ``m`` colluders (they could unmask a hospital's update). With the default
-threshold (a majority, ``m = floor(k / 2) + 1``) that leaves ``m - t = 1`` for odd ``k``
+The default ``c`` is the project's threat model: a minority of the ``k`` hospitals may
+collude, ``floor((k - 1) / 2)``, capped at ``t - 1`` because secure aggregation itself gives
+nothing against ``t`` colluders (they could unmask a hospital's update). With the default
+threshold (a majority, ``t = floor(k / 2) + 1``) that leaves ``t - c = 1`` for odd ``k``
 (no gain: each hospital adds all of its noise) and 2 for even ``k``; a larger threshold (at
-the price of rounds lost to drop-outs) or a smaller ``t`` gives more.
+the price of rounds lost to drop-outs) or a smaller ``c`` gives more.
 
 Units. A hospital's update enters the secure sum as ``a_i (G_i + Z_i)`` times factors common
 to every hospital (learning rate, the weight unit), where ``G_i`` is its sum of clipped
 gradients, ``Z_i`` its noise and ``a_i = n_i / max(1, u_i q_i)`` (its example count over its
 expected batch of patients). A patient of ``i`` moves the sum by ``a_i C``; so hospital ``j``
-adds multiplier ``rho / (a_j sqrt(m - t))``, with one ``rho`` (``scale``) for the run, at least
+adds multiplier ``rho / (a_j sqrt(t - c))``, with one ``rho`` (``scale``) for the run, at least
 ``a_i sigma_i`` for every hospital ``i``: the server takes the largest over the hospitals'
-declared sizes, and each hospital checks ``a_i sigma_i <= rho`` before it trains (and declines
-the round otherwise: its patients would be under-protected). With one record per patient
-``a_i = 1 / q_i``.
+declared sizes, and each hospital checks ``a_i sigma_i <= rho`` before it trains (and
+declines the round otherwise, its event already recorded: its patients would be
+under-protected). With one record per patient ``a_i = 1 / q_i``.
 
 Rounding. Secure aggregation rounds every value of a hospital's vector to its fixed-point
 grid (step ``s`` in the units of the sum, about 1e-8 of the range), so one patient can move
@@ -126,9 +127,9 @@ def noise_scale(config: Any, declared: Mapping[str, int]) -> float:
 class NoiseSplit:
     """One run's split of the record-level noise across hospitals."""
 
-    #: ``m``: secure aggregation unmasks only sums over at least this many hospitals
+    #: ``t``: secure aggregation unmasks only sums over at least this many hospitals
     threshold: int
-    #: ``t``: hospitals assumed at most to collude with the server
+    #: ``c``: hospitals assumed at most to collude with the server
     colluders: int
     #: ``rho``: the noise multiplier, in the units of the sum, honest shares add up to
     scale: float

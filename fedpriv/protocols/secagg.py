@@ -165,9 +165,9 @@ class SecAggHospital(HospitalSide):
     # -- a round --------------------------------------------------------------------------
 
     def noise_split(self, order: Any, state: Any) -> NoiseSplit | None:
-        """Distributed noise's terms: ``t`` and ``rho`` from the server's order, ``m`` from
-        this hospital's own setup record (the threshold its shares enforce when it unmasks),
-        never from the order."""
+        """Distributed noise's terms (:mod:`fedpriv.privacy.distributed_noise`): the colluders
+        ``c`` and ``rho`` from the server's order, the threshold ``t`` from this hospital's own
+        setup record (the one its shares enforce when it unmasks), never from the order."""
         if not self.distributed_noise:
             return None
         stored = _State.load(state)

@@ -162,8 +162,8 @@ def test_the_dp_recipe_runs_under_secure_aggregation(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # `make test-slow`: two simulations (about 45 s of CPU)
 def test_distributed_noise_sum_holds_the_full_noise_and_no_more(tmp_path: Path) -> None:
-    """Distributed noise in real simulations: 4 hospitals, secagg's majority threshold m = 3,
-    t = 1 colluder by default, so each hospital adds sigma / sqrt(2) and the unmasked sum
+    """Distributed noise in real simulations: 4 hospitals, secagg's majority threshold t = 3,
+    c = 1 colluder by default, so each hospital adds sigma / sqrt(2) and the unmasked sum
     2 sigma^2 C^2 (the full noise twice over; local noise would put 4 there). Every patient
     is sampled (q = 1) and both runs start from the same model, so their models after one
     round differ by the noise alone: N(0, 2 k z^2 C^2 / N^2) per value, z the share, N the

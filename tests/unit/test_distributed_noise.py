@@ -59,7 +59,7 @@ def test_noise_colluders_must_be_minus_one_or_more() -> None:
 def test_the_default_colluders_are_a_minority_below_the_threshold() -> None:
     # majority thresholds (k // 2 + 1): odd k leaves one honest share (no gain), even k two
     assert [default_colluders(k, k // 2 + 1) for k in (2, 3, 4, 5, 6, 10)] == [0, 1, 1, 2, 2, 4]
-    # a higher threshold keeps the minority; a low one caps t below it
+    # a higher threshold keeps the minority; a low one caps c below it
     assert default_colluders(5, 5) == 2 and default_colluders(9, 2) == 1
 
 
@@ -91,9 +91,9 @@ def test_each_hospital_adds_its_share_and_shares_cover_every_hospital() -> None:
         a = sum_scale(examples=100, units=100, sample_rate=plan.sample_rate)
         assert a == pytest.approx(1 / plan.sample_rate)
         added = split.added(plan, a)
-        # in the sum, m - t honest shares of (a added C)^2 hold at least (a sigma C)^2
+        # in the sum, t - c honest shares of (a added C)^2 hold at least (a sigma C)^2
         assert split.honest * (a * added) ** 2 >= (a * plan.noise_multiplier) ** 2 * (1 - 1e-12)
-    # the hospital that sets rho adds exactly sigma / sqrt(m - t)
+    # the hospital that sets rho adds exactly sigma / sqrt(t - c)
     top = max((big, small), key=lambda p: p.noise_multiplier / p.sample_rate)
     assert split.added(top, 1 / top.sample_rate) == pytest.approx(
         top.noise_multiplier / math.sqrt(3)
@@ -106,7 +106,7 @@ def test_each_hospital_adds_its_share_and_shares_cover_every_hospital() -> None:
 @pytest.mark.parametrize(("threshold", "colluders"), [(3, 1), (5, 2), (4, 0)])
 def test_recorded_and_fallback_epsilons_match_google(threshold: int, colluders: int) -> None:
     """What the ledger records (the full sigma: the honest shares' sum) and what holds if
-    the assumption fails (sigma / sqrt(m - t)), against dp-accounting's PLD."""
+    the assumption fails (sigma / sqrt(t - c)), against dp-accounting's PLD."""
     plan = _plan(300)
     split = NoiseSplit(threshold=threshold, colluders=colluders, scale=1.0)
     run = DpEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * plan.rounds)
