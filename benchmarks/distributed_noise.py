@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,7 +84,12 @@ def main() -> None:
                         "distributed-noise": mode == "distributed",
                         "noise-colluders": args.noise_colluders,
                     }
-                    found.append(one_run(settings, Path(tmp), f"{dataset}-{mode}-{seed}"))
+                    name = f"{dataset}-{mode}-{seed}"
+                    try:
+                        found.append(one_run(settings, Path(tmp), name))
+                    except Exception as exc:  # e.g. Ray failing to start on a loaded machine
+                        print(f"{name}: {exc}; once more", file=sys.stderr)
+                        found.append(one_run(settings, Path(tmp), f"{name}-again"))
                     print(
                         json.dumps({"dataset": dataset, "mode": mode, "seed": seed, **found[-1]}),
                         flush=True,
