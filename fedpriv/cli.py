@@ -216,6 +216,21 @@ def simulate(
         int | None,
         typer.Option(help="secagg: hospitals needed to unmask a round [a majority]"),
     ] = None,
+    distributed_noise: Annotated[
+        bool | None,
+        typer.Option(
+            "--distributed-noise",
+            help="fedsgd + secagg + DP: each hospital adds only its share of the DP-SGD noise "
+            "(the guarantee then assumes at most --noise-colluders collude with the server)",
+        ),
+    ] = None,
+    noise_colluders: Annotated[
+        int | None,
+        typer.Option(
+            help="distributed noise: hospitals that may collude with the server "
+            "[-1: a minority, below the secagg threshold]"
+        ),
+    ] = None,
     he: Annotated[
         bool | None,
         typer.Option("--he", help="shorthand for --aggregation ckks"),
@@ -298,6 +313,8 @@ def simulate(
         "fix-model": fix_model,
         "aggregation": aggregation,
         "secagg-threshold": secagg_threshold,
+        "distributed-noise": distributed_noise,
+        "noise-colluders": noise_colluders,
         "he": he,
         "keys": keys,
         "audit": audit,

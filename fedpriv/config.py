@@ -149,6 +149,13 @@ class RunConfig:
     #: secure aggregation without client-level DP: the largest update norm a hospital may
     #: send; 0: derived from the DP-SGD settings (fedpriv.protocols.secagg.max_norm)
     secagg_max_norm: float = 0.0
+    #: secure aggregation + FedSGD + DP-SGD: each hospital adds only its share of the
+    #: record-level noise, so that the honest survivors' shares in any sum the server can
+    #: unmask add up to the full noise (fedpriv.privacy.distributed_noise); off by default
+    distributed_noise: bool = False
+    #: distributed noise: hospitals assumed at most to collude with the server (they know
+    #: their own shares); -1: a minority of the federation, below the secagg threshold
+    noise_colluders: int = -1
     #: the most training examples any hospital may claim in a round
     max_examples: int = 1_000_000
     # audits
@@ -294,9 +301,33 @@ class RunConfig:
             "settings",
         )
         _check(self.max_examples >= 1, "max-examples must be at least 1")
+        self._check_distributed_noise()
         _check(self.gpus_per_hospital >= 0, "gpus-per-hospital must be >= 0")
         _check(self.cpus_per_hospital > 0, "cpus-per-hospital must be > 0")
         _check(bool(self.out), "out must name a directory")
+
+    def _check_distributed_noise(self) -> None:
+        _check(
+            self.noise_colluders >= -1,
+            f"noise-colluders must be -1 (a minority) or >= 0 (got {self.noise_colluders})",
+        )
+        if not self.distributed_noise:
+            return
+        _check(
+            self.strategy == "fedsgd"
+            and self.aggregation == "secagg"
+            and self.dp
+            and self.dp_level == "sample",
+            "distributed-noise needs strategy fedsgd, aggregation secagg and sample-level DP "
+            f"(got strategy {self.strategy}, aggregation {self.aggregation}, "
+            f"dp {'on' if self.dp else 'off'}, dp-level {self.dp_level})",
+        )
+        threshold = self.secagg_threshold or (0 if self.deployment else self.hospitals // 2 + 1)
+        _check(
+            not threshold or self.noise_colluders < threshold,
+            f"noise-colluders {self.noise_colluders} must be below the secure-aggregation "
+            f"threshold {threshold}: that many colluders could unmask a hospital's update",
+        )
 
     # ---- the edges -------------------------------------------------------------------
 

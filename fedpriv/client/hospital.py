@@ -28,6 +28,7 @@ from fedpriv.data.datasets import RecordSource, file_version
 from fedpriv.data.schema import Schema, check_schema_digest
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.models import build
+from fedpriv.privacy.distributed_noise import NoiseSplit, sum_scale
 from fedpriv.privacy.dp import (
     DpPlan,
     PoissonUnits,
@@ -415,10 +416,14 @@ def train_round(
     assert ledger.key is not None
     keyed = ledger.key.records(records)
     patients = int(np.unique(keyed.keys).size)
+    try:  # distributed noise: the assumption it rests on goes into the ledger's run plan
+        split = side.noise_split(order, state)
+    except FedprivError as exc:
+        return RoundResult(arrays=None, stats=None, declined=f"{data.name} declines: {exc}")
     plan = ledger.plan(
         run_id=config.run_name,
         hospital=data.name,
-        request=_plan_request(order, patients),
+        request=_plan_request(order, patients, split),
         make=functools.partial(plan_for, order, patients),
     )
     reservation = ledger.reserve(
@@ -458,6 +463,23 @@ def train_round(
         sample_rate=plan.sample_rate,
         steps=round(1.0 / plan.sample_rate),
     )
+    added = plan.noise_multiplier
+    if split is not None:
+        # the recorded event (above) is the full noise, which the honest shares in the
+        # secure sum add up to; this hospital adds its share (after recording: a decline
+        # here can only over-count)
+        try:
+            added = split.added(
+                plan,
+                sum_scale(
+                    examples=int(trained.sum()),
+                    units=loader.num_units,
+                    sample_rate=plan.sample_rate,
+                ),
+                values=sum(int(v.size) for v in before.values()) + 1,  # and the weight
+            )
+        except FedprivError as exc:
+            return RoundResult(arrays=None, stats=None, declined=f"{data.name} declines: {exc}")
     private = make_private(
         model=model,
         optimizer=optimizer,
@@ -466,6 +488,7 @@ def train_round(
         plan=plan,
         grad_sample_mode=mode,
         accountant_state=accountant_state,
+        noise_multiplier=added,
     )
     steps_before = private.steps_taken()
     try:
@@ -513,6 +536,7 @@ def train_round(
             mode=private.mode,
             run_steps=private.steps_taken(),
             patient_level=loader.grouped,
+            distributed=None if split is None else split.report(plan, added, config),
         ),
         accountant_state=private.accountant_state(),
     )
@@ -545,7 +569,9 @@ def open_ledger(privacy: PrivacyState, config: RunConfig, records: RecordSource)
     return ledger
 
 
-def _plan_request(order: msg.TrainingOrder, patients: int) -> dict[str, Any]:
+def _plan_request(
+    order: msg.TrainingOrder, patients: int, split: NoiseSplit | None = None
+) -> dict[str, Any]:
     config = order.config
     return {
         "patients": patients,
@@ -560,6 +586,8 @@ def _plan_request(order: msg.TrainingOrder, patients: int) -> dict[str, Any]:
         "noise-multiplier": config.noise_multiplier,
         # the statistics release shares the run's epsilon (normalisation federated)
         **({"stats-epsilon": config.stats_epsilon} if config.normalisation == "federated" else {}),
+        # distributed noise: the epsilon recorded holds under this assumption only
+        **({"distributed-noise": split.record()} if split is not None else {}),
     }
 
 
@@ -573,15 +601,17 @@ def _privacy_report(
     mode: str = "",
     run_steps: int | None = None,
     patient_level: bool = False,
+    distributed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """This hospital's spend, per patient: the largest epsilon of any of its patients, the
     patients left out for budget, and the merged events of the most spent patient, so anyone
     can recompute the figure.
 
     ``run_steps`` is what this run's accountant (carried in Flower's context.state) has
-    seen: it must equal the steps the ledger holds for the run.
+    seen: it must equal the steps the ledger holds for the run. ``distributed``: under
+    distributed noise, the assumption the epsilon rests on and the epsilon without it.
     """
-    return {
+    report: dict[str, Any] = {
         "hospital": data.name,
         "status": status,
         "unit": "patient",
@@ -608,6 +638,9 @@ def _privacy_report(
             for sigma, q, steps in reservation.history
         ],
     }
+    if distributed is not None:
+        report["distributed_noise"] = distributed
+    return report
 
 
 def audit_counts(

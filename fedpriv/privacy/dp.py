@@ -240,6 +240,7 @@ def make_private(
     plan: DpPlan,
     grad_sample_mode: str,
     accountant_state: dict[str, Any] | None = None,
+    noise_multiplier: float | None = None,
 ) -> PrivateTraining:
     """Wrap model, optimizer, loader (Poisson) and criterion with Opacus for one round.
 
@@ -247,7 +248,11 @@ def make_private(
     patient has several records, makes the optimizer clip per patient); a plain DataLoader
     is Poisson-sampled by Opacus at ``1 / len(loader)``. ``accountant_state`` carries the
     run's accountant from the previous round (Flower's ``context.state``), so the engine
-    continues the history instead of forgetting it.
+    continues the history instead of forgetting it. ``noise_multiplier``: the noise this
+    hospital adds itself when it is less than the plan's (distributed noise,
+    :mod:`fedpriv.privacy.distributed_noise`: the rest comes from the other hospitals'
+    shares in the secure sum); Opacus's own accountant then records what was added here,
+    the ledger what protects the patients.
     """
     from opacus import PrivacyEngine
 
@@ -268,7 +273,7 @@ def make_private(
         optimizer=optimizer,
         data_loader=loader,
         criterion=criterion,
-        noise_multiplier=plan.noise_multiplier,
+        noise_multiplier=plan.noise_multiplier if noise_multiplier is None else noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=units is None,
         grad_sample_mode=grad_sample_mode,

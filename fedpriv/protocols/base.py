@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord
 
 from fedpriv.errors import FedprivError
+
+if TYPE_CHECKING:
+    from fedpriv.privacy.distributed_noise import NoiseSplit
 
 __all__ = [
     "UNUSABLE",
@@ -122,6 +125,11 @@ class HospitalSide(ABC):
     def unmask(self, request: Mapping[str, Any], node: int, state: Any) -> dict[str, Any]:
         """What this hospital gives towards finishing a round's aggregate (default: nothing)."""
         return {}
+
+    def noise_split(self, order: Any, state: Any) -> NoiseSplit | None:
+        """How this round's record-level DP noise is split across hospitals, when the
+        protocol only ever reveals their sum (default: not split; each adds all of it)."""
+        return None
 
 
 class ServerSide(ABC):

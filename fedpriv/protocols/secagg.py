@@ -49,6 +49,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.privacy.distributed_noise import NoiseSplit, default_colluders, noise_scale
 from fedpriv.privacy.masking import (
     KEY_BYTES,
     Quantizer,
@@ -86,6 +87,8 @@ QUERY_KEYS = "secagg-keys"
 QUERY_SHARES = "secagg-shares"
 QUERY_DELIVER = "secagg-deliver"
 QUERIES = (QUERY_KEYS, QUERY_SHARES, QUERY_DELIVER)
+NOISE_COLLUDERS = "secagg-noise-colluders"  # order key: distributed noise's t
+NOISE_SCALE = "secagg-noise-scale"  # order key: distributed noise's rho
 STATE = "fedpriv-secagg"  # the hospital's context.state record (its secrets, this run only)
 
 _SEALED = 48 + 16  # one round's shares to one peer (b: 16, s: 32) and the AEAD tag
@@ -106,12 +109,21 @@ class SecAggHospital(HospitalSide):
     SuperNode's memory), never in the run directory or any message in the clear."""
 
     def __init__(
-        self, *, bound: float, max_norm: float, client_dp: tuple[float, float] | None
+        self,
+        *,
+        bound: float,
+        max_norm: float,
+        client_dp: tuple[float, float] | None,
+        distributed_noise: bool = False,
+        colluders: int = -1,
     ) -> None:
         self.bound = bound
         self.max_norm = max_norm
         #: (clip norm S, noise multiplier z) of distributed client-level DP, or None
         self.client_dp = client_dp
+        #: record-level DP noise split across hospitals (fedpriv.privacy.distributed_noise)
+        self.distributed_noise = distributed_noise
+        self.colluders = colluders
         self._rng = np.random.default_rng(secrets.randbits(128))
 
     def read(self, order: Any, arrays: ArrayRecord) -> GlobalWeights:
@@ -151,6 +163,38 @@ class SecAggHospital(HospitalSide):
         return {"channel": channel_public, "mask-public": b"".join(p for _, p in pairs)}
 
     # -- a round --------------------------------------------------------------------------
+
+    def noise_split(self, order: Any, state: Any) -> NoiseSplit | None:
+        """Distributed noise's terms (:mod:`fedpriv.privacy.distributed_noise`): the colluders
+        ``c`` and ``rho`` from the server's order, the threshold ``t`` from this hospital's own
+        setup record (the one its shares enforce when it unmasks), never from the order."""
+        if not self.distributed_noise:
+            return None
+        stored = _State.load(state)
+        if stored is None or not stored.ready:
+            raise FedprivError("secure aggregation: this hospital took no part in the run's setup")
+        try:
+            colluders = int(order.extra[NOISE_COLLUDERS])
+            scale = float(order.extra[NOISE_SCALE])
+        except (KeyError, TypeError, ValueError):
+            raise FedprivError(
+                "distributed noise: the server's order does not say how the noise is split"
+            ) from None
+        if self.colluders >= 0 and colluders != self.colluders:
+            raise FedprivError(
+                f"distributed noise: the order assumes {colluders} colluders, the run's "
+                f"setting is {self.colluders}"
+            )
+        quantizer = Quantizer(
+            bound=float(order.extra["bound"]),
+            parties=len(json.loads(str(order.extra[PARTICIPANTS]))),
+        )
+        return NoiseSplit(
+            threshold=stored.threshold,
+            colluders=colluders,
+            scale=scale,
+            rounding=quantizer.step * float(order.extra["weight-unit"]) / order.config.server_lr,
+        )
 
     def encode(
         self, order: Any, update: Update, state: Any
@@ -456,8 +500,12 @@ class SecAggServer(ServerSide):
         max_norm: float,
         client_dp: tuple[float, float] | None,
         weight_unit: float,
+        noise: tuple[int, float] | None = None,
     ) -> None:
         super().__init__()
+        #: distributed noise: (colluders asked for, -1 for the default; rho), or None
+        self.noise = noise
+        self.colluders = -1
         self.limits = limits
         self.requested_threshold = threshold
         self.threshold = threshold
@@ -489,6 +537,16 @@ class SecAggServer(ServerSide):
                 f"secure aggregation needs at least 2 hospitals and a threshold between 2 and "
                 f"their number: {count} answered, threshold {self.threshold}"
             )
+        if self.noise is not None:
+            requested, _ = self.noise
+            self.colluders = (
+                requested if requested >= 0 else default_colluders(count, self.threshold)
+            )
+            if self.colluders >= self.threshold:
+                raise FedprivError(
+                    f"distributed noise: noise-colluders {self.colluders} is not below the "
+                    f"secure-aggregation threshold {self.threshold}"
+                )
         self.names = {n: name for n, (name, _) in keys.items()}
         self.mask_public = {n: bytes(record["mask-public"]) for n, (_, record) in keys.items()}
         common = {
@@ -530,6 +588,18 @@ class SecAggServer(ServerSide):
             self.first,
             self.last,
         )
+        if self.noise is not None:
+            honest = self.threshold - self.colluders
+            self.stats.update({"noise_colluders": self.colluders, "noise_honest_shares": honest})
+            logger.info(
+                "distributed noise: each hospital adds 1/sqrt(%d) of its DP-SGD noise, assuming "
+                "at most %d hospitals collude with the server%s",
+                honest,
+                self.colluders,
+                " (no gain: raise secagg-threshold or lower noise-colluders)"
+                if honest == 1
+                else "",
+            )
 
     def round_extra(self, sampled: Sequence[int]) -> dict[str, Any]:
         participants = sorted(n for n in sampled if n in self.participants)
@@ -539,6 +609,11 @@ class SecAggServer(ServerSide):
             "bound": self.bound,
             "max-norm": self.max_norm,
             "weight-unit": self.weight_unit,
+            **(
+                {NOISE_COLLUDERS: self.colluders, NOISE_SCALE: self.noise[1]}
+                if self.noise is not None
+                else {}
+            ),
         }
 
     # -- a round ----------------------------------------------------------------------------
@@ -781,6 +856,9 @@ def _server(
         max_norm=limit,
         client_dp=dp,
         weight_unit=weight_unit or float(limits.max_examples),
+        noise=(config.noise_colluders, noise_scale(config, limits.declared))
+        if config.distributed_noise
+        else None,
     )
     server.stats.update({"max_norm": limit, "max_norm_from": source})
     if source == "derived":
@@ -797,7 +875,13 @@ def _hospital(config: Any, node_config: Any) -> SecAggHospital:
     # the range comes with every round's order (the server's, one for all); this is the
     # hospital's own reading of the settings, for an order that carries none
     limit = config.secagg_max_norm or UNBOUNDED_MAX_NORM
-    return SecAggHospital(bound=_bound(config, limit), max_norm=limit, client_dp=_client_dp(config))
+    return SecAggHospital(
+        bound=_bound(config, limit),
+        max_norm=limit,
+        client_dp=_client_dp(config),
+        distributed_noise=config.distributed_noise,
+        colluders=config.noise_colluders,
+    )
 
 
 SECAGG = register_protocol(

@@ -158,7 +158,36 @@ class PrivacyView:
                 },
                 "composed_with_training": True,
             }
+        if config.distributed_noise:
+            doc["distributed_noise"] = self.distributed_noise()
         return doc
+
+    def distributed_noise(self) -> dict[str, Any]:
+        """Under distributed noise the epsilons above are conditional: on what, and the
+        worst epsilon a patient keeps if the assumption fails (its hospital's own share)."""
+        splits = {
+            name: r["distributed_noise"]
+            for name, r in sorted(self.hospitals.items())
+            if isinstance(r.get("distributed_noise"), dict)
+        }
+        out: dict[str, Any] = {
+            "conditional": True,
+            "where": "hospitals add shares; the secure sum holds the full noise",
+        }
+        if splits:
+            first = next(iter(splits.values()))
+            out.update(
+                {
+                    "assumption": first.get("assumption", ""),
+                    "colluders": first.get("colluders"),
+                    "threshold": first.get("threshold"),
+                    "honest_shares": first.get("honest_shares"),
+                    "max_fallback_planned_epsilon": max(
+                        float(s.get("fallback_planned_epsilon", math.inf)) for s in splits.values()
+                    ),
+                }
+            )
+        return out
 
 
 class HeLog:

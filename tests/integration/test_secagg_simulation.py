@@ -158,3 +158,64 @@ def test_the_dp_recipe_runs_under_secure_aggregation(tmp_path: Path) -> None:
         assert stats["survivors"] == 5
         assert [h["update_clipped"] for h in row["hospitals"].values()] == [0.0] * 5
     assert result.final["test_accuracy"] > 0.6
+
+
+@pytest.mark.slow  # `make test-slow`: two simulations (about 45 s of CPU)
+def test_distributed_noise_sum_holds_the_full_noise_and_no_more(tmp_path: Path) -> None:
+    """Distributed noise in real simulations: 4 hospitals, secagg's majority threshold t = 3,
+    c = 1 colluder by default, so each hospital adds sigma / sqrt(2) and the unmasked sum
+    2 sigma^2 C^2 (the full noise twice over; local noise would put 4 there). Every patient
+    is sampled (q = 1) and both runs start from the same model, so their models after one
+    round differ by the noise alone: N(0, 2 k z^2 C^2 / N^2) per value, z the share, N the
+    examples. The chi-square bound below fails with probability 2e-6."""
+    from scipy import stats
+
+    from tests.reference_dp import google_epsilon
+
+    common = {
+        "dataset": "breast-cancer",
+        "hospitals": 4,
+        "rounds": 1,
+        "seed": 5,
+        "strategy": "fedsgd",
+        "aggregation": "secagg",
+        "distributed-noise": True,
+        "out": str(tmp_path),
+    }
+    runs = [
+        fedpriv.simulate(
+            RunConfig.from_mapping({**common, "run-name": n, "ledger-dir": str(tmp_path / n)})
+        )
+        for n in ("a", "b")
+    ]
+    (row,) = runs[0].rows
+    assert row["declined"] == {} and row["aggregation"]["survivors"] == 4
+    assert row["aggregation"]["threshold"] == 3 and row["aggregation"]["noise_colluders"] == 1
+    examples = sum(int(h["train_examples"]) for h in row["hospitals"].values())
+    privacy = json.loads((runs[0].run_dir / "privacy.json").read_text())
+    reports = list(privacy["hospitals"].values())
+    sigma = reports[0]["noise_multiplier"]
+    for report in reports:
+        assert report["sample_rate"] == 1.0 and report["noise_multiplier"] == sigma
+        split = report["distributed_noise"]
+        assert split["honest_shares"] == 2
+        # (scaled up by 1 + sqrt(d) step / C for secure aggregation's rounding: ~3e-5)
+        assert split["added_noise_multiplier"] == pytest.approx(sigma / np.sqrt(2), rel=1e-3)
+        assert split["added_noise_multiplier"] > sigma / np.sqrt(2)
+        # the recorded epsilon: the full sigma; the fallback: this hospital's share alone
+        assert report["epsilon"] == pytest.approx(google_epsilon(report["events"], 1e-5), rel=0.03)
+        assert split["fallback_planned_epsilon"] == pytest.approx(
+            google_epsilon([(sigma / np.sqrt(2), 1.0, 1)], 1e-5), rel=0.03
+        )
+    assert privacy["distributed_noise"]["conditional"] is True
+    assert "at most 1 hospitals collude" in privacy["distributed_noise"]["assumption"]
+
+    a, b = _model(runs[0].run_dir), _model(runs[1].run_dir)
+    difference = np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in a])
+    share = sigma / np.sqrt(2)  # C = 1, server-lr = 1
+    variance = 2 * 4 * share**2 / examples**2
+    chi2 = float(np.sum(difference**2)) / variance
+    low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], difference.size)
+    assert low < chi2 < high, (chi2, difference.size)
+    # each hospital adding all of its noise (twice the variance) is far outside
+    assert not low < chi2 / 2 < high

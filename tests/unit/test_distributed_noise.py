@@ -1,0 +1,205 @@
+"""Distributed noise (fedpriv.privacy.distributed_noise): the settings it refuses, the
+accounting against Google's dp-accounting, and a hospital's DP-SGD step that really adds
+only its share (measured on real Opacus steps, against a chi-square bound)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from scipy import stats
+
+from fedpriv import messages as msg
+from fedpriv.client.hospital import PrivacyState, local_data, train_round
+from fedpriv.config import RunConfig
+from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.privacy.accounting import DpEvent, compose_epsilon, plan_dp
+from fedpriv.privacy.distributed_noise import NoiseSplit, default_colluders, sum_scale
+from fedpriv.protocols.base import Update
+from fedpriv.protocols.plain import PlainHospital
+from fedpriv.server.run import initial_weights
+from tests.reference_dp import google_epsilon
+
+MLP_ARGS = {"in_features": 30, "num_classes": 2}
+ON = {"strategy": "fedsgd", "aggregation": "secagg", "distributed-noise": True}
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"strategy": "fedavg"}, "needs strategy fedsgd"),
+        ({"aggregation": "plain"}, "aggregation secagg"),
+        ({"aggregation": "ckks"}, "aggregation secagg"),
+        ({"dp": False}, "sample-level DP"),
+        ({"dp-level": "client"}, "sample-level DP"),
+        ({"dp-level": "both"}, "sample-level DP"),
+        ({"noise-colluders": 3}, "below the secure-aggregation threshold 3"),
+        ({"noise-colluders": 4, "secagg-threshold": 4}, "threshold 4"),
+    ],
+)
+def test_distributed_noise_refuses_what_it_cannot_protect(
+    settings: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says) as caught:
+        RunConfig.from_mapping({**ON, "hospitals": 5, **settings})
+    assert "\n" not in str(caught.value)
+
+
+def test_noise_colluders_must_be_minus_one_or_more() -> None:
+    with pytest.raises(ConfigError, match="noise-colluders must be -1"):
+        RunConfig(noise_colluders=-2)
+    assert RunConfig.from_mapping({**ON, "noise-colluders": 2}).noise_colluders == 2
+    assert not RunConfig().distributed_noise, "off by default"
+
+
+def test_the_default_colluders_are_a_minority_below_the_threshold() -> None:
+    # majority thresholds (k // 2 + 1): odd k leaves one honest share (no gain), even k two
+    assert [default_colluders(k, k // 2 + 1) for k in (2, 3, 4, 5, 6, 10)] == [0, 1, 1, 2, 2, 4]
+    # a higher threshold keeps the minority; a low one caps c below it
+    assert default_colluders(5, 5) == 2 and default_colluders(9, 2) == 1
+
+
+def test_a_split_with_as_many_colluders_as_the_threshold_is_refused() -> None:
+    with pytest.raises(FedprivError, match="protects nothing"):
+        NoiseSplit(threshold=3, colluders=3, scale=1.0)
+
+
+def _plan(records: int) -> Any:
+    return plan_dp(
+        num_records=records,
+        batch_size=64,
+        local_epochs=1,
+        rounds=20,
+        one_step_per_round=True,
+        target_epsilon=4.0,
+        delta=1e-5,
+        accountant="prv",
+        max_grad_norm=1.0,
+    )
+
+
+def test_each_hospital_adds_its_share_and_shares_cover_every_hospital() -> None:
+    big, small = _plan(300), _plan(100)  # q = 1/5 and 1/2: different sigma and q
+    assert big.sample_rate == 0.2 and small.sample_rate == 0.5
+    rho = max(p.noise_multiplier / p.sample_rate for p in (big, small))
+    split = NoiseSplit(threshold=4, colluders=1, scale=rho)
+    for plan in (big, small):
+        a = sum_scale(examples=100, units=100, sample_rate=plan.sample_rate)
+        assert a == pytest.approx(1 / plan.sample_rate)
+        added = split.added(plan, a)
+        # in the sum, t - c honest shares of (a added C)^2 hold at least (a sigma C)^2
+        assert split.honest * (a * added) ** 2 >= (a * plan.noise_multiplier) ** 2 * (1 - 1e-12)
+    # the hospital that sets rho adds exactly sigma / sqrt(t - c)
+    top = max((big, small), key=lambda p: p.noise_multiplier / p.sample_rate)
+    assert split.added(top, 1 / top.sample_rate) == pytest.approx(
+        top.noise_multiplier / math.sqrt(3)
+    )
+    # patients with several records each (a > 1/q) would be under-protected: refused
+    with pytest.raises(FedprivError, match="declines the round"):
+        split.added(top, 2 * sum_scale(examples=100, units=100, sample_rate=top.sample_rate))
+
+
+@pytest.mark.parametrize(("threshold", "colluders"), [(3, 1), (5, 2), (4, 0)])
+def test_recorded_and_fallback_epsilons_match_google(threshold: int, colluders: int) -> None:
+    """What the ledger records (the full sigma: the honest shares' sum) and what holds if
+    the assumption fails (sigma / sqrt(t - c)), against dp-accounting's PLD."""
+    plan = _plan(300)
+    split = NoiseSplit(threshold=threshold, colluders=colluders, scale=1.0)
+    run = DpEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * plan.rounds)
+    recorded = compose_epsilon([run], delta=1e-5, accountant="prv")
+    assert recorded == pytest.approx(plan.planned_epsilon)
+    assert recorded == pytest.approx(google_epsilon([run.as_tuple()], 1e-5), rel=0.03)
+    fallback = split.fallback_epsilon(plan, RunConfig())
+    sigma = plan.noise_multiplier / math.sqrt(threshold - colluders)
+    assert split.fallback_multiplier(plan) == pytest.approx(sigma)
+    theirs = google_epsilon([(sigma, plan.sample_rate, plan.rounds)], 1e-5)
+    assert fallback == pytest.approx(theirs, rel=0.03)
+    assert fallback > recorded or threshold - colluders == 1
+
+
+class _Capture(PlainHospital):
+    """The plaintext side with a fixed noise split: keeps what the hospital's step did."""
+
+    def __init__(self, split: NoiseSplit | None) -> None:
+        self.split = split
+        self.updates: list[Update] = []
+
+    def noise_split(self, order: Any, state: Any) -> NoiseSplit | None:
+        return self.split
+
+    def encode(self, order: Any, update: Update, state: Any) -> tuple[ArrayRecord, dict]:
+        self.updates.append(update)
+        return super().encode(order, update, state)
+
+
+def _gradients(tmp_path: Path, split: NoiseSplit | None, runs: int = 2) -> tuple[Any, ...]:
+    """``runs`` FedSGD steps of hospital 0 from the same model: every patient is sampled
+    (q = 1), so the steps differ by their noise only."""
+    config = RunConfig(
+        hospitals=3, rounds=1, strategy="fedsgd", run_name="dn", noise_multiplier=2.0
+    )
+    data = local_data(config, {"partition-id": 0})
+    record = msg.order_record(config, model_name="mlp", model_args=MLP_ARGS, mode=msg.MODE_GRADIENT)
+    record[msg.SERVER_ROUND] = 1
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_weights("mlp", MLP_ARGS, 0).items()})
+    side = _Capture(split)
+    results = []
+    for run in range(runs):
+        privacy = PrivacyState(ledger_path=tmp_path / f"{run}.sqlite", budget_epsilon=1e6)
+        results.append(
+            train_round(msg.parse_order(record), data, arrays, privacy=privacy, side=side)
+        )
+    steps = [
+        np.concatenate([np.ravel(u.before[k] - u.after[k]) for k in u.before]).astype(np.float64)
+        for u in side.updates
+    ]
+    return results, steps
+
+
+def test_a_hospital_step_carries_only_its_share_of_the_noise(tmp_path: Path) -> None:
+    split = NoiseSplit(threshold=3, colluders=1, scale=2.0)  # a = 1 (q = 1): sigma / sqrt(2)
+    results, (first, second) = _gradients(tmp_path, split)
+    report = results[0].privacy
+    assert report["sample_rate"] == 1.0 and report["noise_multiplier"] == 2.0
+    shares = report["distributed_noise"]
+    assert shares["added_noise_multiplier"] == pytest.approx(2.0 / math.sqrt(2))
+    assert shares["conditional_noise_multiplier"] == 2.0
+    units = report["patients"]
+    # the difference of two steps: N(0, 2 (z C / B)^2) per value, B = the patients (q = 1)
+    d = first.size
+    chi2 = float(np.sum((first - second) ** 2)) / (2 * (2.0 / math.sqrt(2) / units) ** 2)
+    low, high = stats.chi2.ppf([1e-6, 1 - 1e-6], d)
+    assert low < chi2 < high, (chi2, d)
+    # the full noise (sigma = 2, twice the variance) lies far outside the same bounds
+    assert not low < chi2 / 2 < high
+
+
+def test_the_ledger_records_the_full_noise_and_the_assumption(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    split = NoiseSplit(threshold=4, colluders=1, scale=2.0)
+    _gradients(tmp_path, split, runs=1)
+    with sqlite3.connect(tmp_path / "0.sqlite") as conn:
+        events = conn.execute("SELECT noise_multiplier, sample_rate, steps FROM events").fetchall()
+        (request,) = conn.execute("SELECT request FROM plans").fetchone()
+    assert events == [(2.0, 1.0, 1)]
+    assert json.loads(request)["distributed-noise"] == {
+        "colluders": 1,
+        "threshold": 4,
+        "scale": 2.0,
+    }
+
+
+def test_shares_grow_by_what_rounding_can_add_to_the_sensitivity() -> None:
+    plan = _plan(300)
+    exact = NoiseSplit(threshold=3, colluders=1, scale=100.0)
+    rounded = NoiseSplit(threshold=3, colluders=1, scale=100.0, rounding=1e-6)
+    values = 10_001
+    factor = rounded.added(plan, 5.0, values=values) / exact.added(plan, 5.0, values=values)
+    # one patient moves the rounded sum by up to a C + sqrt(d) step (a >= 1 covers all)
+    assert factor == pytest.approx(1 + math.sqrt(values) * 1e-6 / plan.max_grad_norm)
