@@ -260,17 +260,10 @@ def run_rounds(
             failure = ""
             if server_round == last_round:  # the final model, evaluated once
                 previous = {"round": evaluated, **_plain(eval_metrics)}
-                final_messages = list(
-                    strategy.configure_evaluate(
-                        server_round, new_arrays, ConfigRecord(dict(evaluate_config)), grid
-                    )
+                final = _final_evaluation(
+                    strategy, grid, server_round, new_arrays, evaluate_config, timeout
                 )
-                final_replies = send_and_receive(grid, final_messages, timeout=timeout)
-                final_replies = list(final_replies)
-                eval_ok, eval_declined, eval_failed = _split_replies(
-                    final_replies, _destinations(final_messages)
-                )
-                eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
+                final_replies, eval_ok, eval_declined, eval_failed, eval_metrics = final
                 evaluated = server_round
                 if verify and side is not None:  # the final aggregate is checked here
                     unusable = _unusable(final_replies)
@@ -325,15 +318,10 @@ def run_rounds(
                     logger.warning("round %d: no aggregate: %s", server_round, failure)
                     new_arrays = arrays  # the global model stays what it was
                 if server_round == last_round:  # the final model, evaluated once
-                    final_messages = list(
-                        strategy.configure_evaluate(
-                            server_round, new_arrays, ConfigRecord(dict(evaluate_config)), grid
-                        )
+                    final = _final_evaluation(
+                        strategy, grid, server_round, new_arrays, evaluate_config, timeout
                     )
-                    final_replies = list(send_and_receive(grid, final_messages, timeout=timeout))
-                    final_ok, _, _ = _split_replies(final_replies, _destinations(final_messages))
-                    eval_metrics = strategy.aggregate_evaluate(server_round, final_ok)
-                    eval_ok = final_ok
+                    _, eval_ok, _, _, eval_metrics = final
                     evaluated = server_round
         assert new_arrays is not None
         arrays = new_arrays
@@ -357,6 +345,24 @@ def run_rounds(
             )
         )
     return arrays
+
+
+def _final_evaluation(
+    strategy: Strategy,
+    grid: Grid,
+    server_round: int,
+    arrays: ArrayRecord,
+    evaluate_config: ConfigRecord,
+    timeout: float,
+) -> tuple[list[Message], list[Message], dict[str, str], dict[str, str], MetricRecord | None]:
+    """The final model's one evaluation exchange: every reply, the successful ones, the
+    declines, the failures, and the aggregated metrics."""
+    messages = list(
+        strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config)), grid)
+    )
+    replies = list(send_and_receive(grid, messages, timeout=timeout))
+    ok, declined, failed = _split_replies(replies, _destinations(messages))
+    return replies, ok, declined, failed, strategy.aggregate_evaluate(server_round, ok)
 
 
 def carries_evaluation(strategy: Strategy) -> bool:
@@ -407,14 +413,8 @@ def _discarded_round(
     eval_failed: dict[str, str] = {}
     evaluated = server_round - 1
     if server_round == last_round:
-        final_messages = list(
-            strategy.configure_evaluate(
-                server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
-            )
-        )
-        final_replies = send_and_receive(grid, final_messages, timeout=timeout)
-        eval_ok, _, eval_failed = _split_replies(final_replies, _destinations(final_messages))
-        eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
+        final = _final_evaluation(strategy, grid, server_round, arrays, evaluate_config, timeout)
+        _, eval_ok, _, eval_failed, eval_metrics = final
         evaluated = server_round
     hospitals = _per_hospital(ok, "train_examples")
     for name, entry in _per_hospital(eval_ok, "num_examples").items():
