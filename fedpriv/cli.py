@@ -525,6 +525,19 @@ def _print_summary(result: Any) -> None:
             + (f"; {excluded} patient(s) left out for budget" if excluded else ""),
             highlight=False,
         )
+    split = privacy.get("distributed_noise")
+    if config.sample_level_dp and isinstance(split, dict) and privacy.get("max_epsilon"):
+        fallback = split.get("max_fallback_epsilon", split.get("max_fallback_planned_epsilon"))
+        console.print(
+            "conditional (distributed noise): holds while at most "
+            f"{split.get('colluders')} hospitals collude with the server"
+            + (
+                f"; if more do, epsilon ≤ {float(fallback):.2f} per patient"
+                if isinstance(fallback, int | float)
+                else ""
+            ),
+            highlight=False,
+        )
     if config.client_level_dp and final.get("client_epsilon") is not None:
         console.print(
             f"hospital-level DP: epsilon {final['client_epsilon']:.2f} at delta {config.delta:g}",
@@ -1230,6 +1243,19 @@ def _print_budget(payload: list[dict[str, Any]], patient: str | None) -> None:
             f"{s.accountant.upper()} accountant; patients identified by {identity}",
             highlight=False,
         )
+    for entry in payload:
+        s = entry["summary"]
+        if s.conditional_runs and s.max_epsilon_if_colluding is not None:
+            assumed = ", ".join(
+                f"{run} (at most {c} of t = {t})" for run, c, t in s.conditional_runs
+            )
+            console.print(
+                f"{Path(s.ledger).name}: conditional: {len(s.conditional_runs)} run(s) split "
+                f"their noise across hospitals (distributed noise): {assumed} colluding with "
+                "the server; if more collude, the largest ε is "
+                f"{'' if s.max_if_colluding_exact else '≤ '}{s.max_epsilon_if_colluding:.3f}",
+                highlight=False,
+            )
     if any(not e["summary"].max_exact for e in payload):
         console.print(
             "≤: an upper bound (RDP); the exact value is computed at a run's last round, or "

@@ -639,6 +639,14 @@ def _privacy_report(
         ],
     }
     if distributed is not None:
+        # the lifetime figure if the collusion assumption fails, every recorded run composed
+        fallback = ledger.fallback_epsilon()
+        if fallback is not None:
+            distributed = {
+                **distributed,
+                "fallback_epsilon": fallback[0],
+                "fallback_epsilon_exact": fallback[1],
+            }
         report["distributed_noise"] = distributed
     return report
 

@@ -63,6 +63,7 @@ from fedpriv.privacy.spend import (
     group_patients,
     history_key,
 )
+from fedpriv.privacy.statistics import STATISTICS_ROUND
 
 __all__ = [
     "Ledger",
@@ -148,6 +149,13 @@ class SpendSummary:
     identity: str
     #: (epsilon, is it exact, patients) per group of patients with the same history
     groups: tuple[tuple[float, bool, int], ...]
+    #: runs whose training noise was split across hospitals (distributed noise): (run id,
+    #: colluders assumed, secure-aggregation threshold); ``max_epsilon`` holds only if no
+    #: more hospitals than assumed collude with the server
+    conditional_runs: tuple[tuple[str, int, int], ...] = ()
+    #: the largest per-patient epsilon if those assumptions fail (None: no such run)
+    max_epsilon_if_colluding: float | None = None
+    max_if_colluding_exact: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +424,8 @@ class Ledger:
                     conn, history, float(fast[g]), exact=exact, store=False
                 )
                 values.append((value, is_exact, int(sizes[g])))
+            conditional = self._conditional_runs(conn)
+            fallback = self._fallback(conn, pids, conditional, exact=exact)
         live = [v for v in values if v[2] > 0]
         worst = max(live, default=(0.0, True, 0))
         return SpendSummary(
@@ -433,7 +443,75 @@ class Ledger:
             accountant=self.settings.accountant,
             identity=self.settings.identity,
             groups=tuple(sorted(live, reverse=True)),
+            conditional_runs=tuple(
+                (run, colluders, threshold)
+                for run, (colluders, threshold) in sorted(conditional.items())
+                if run in {e.run_id for e in events}
+            ),
+            max_epsilon_if_colluding=None if fallback is None else fallback[0],
+            max_if_colluding_exact=True if fallback is None else fallback[1],
         )
+
+    def fallback_epsilon(self, *, exact: bool = False) -> tuple[float, bool] | None:
+        """Distributed noise (:mod:`fedpriv.privacy.distributed_noise`): the largest
+        per-patient epsilon if the runs' collusion assumptions fail, and whether it is exact;
+        None when no recorded run split its noise."""
+        with self._connect(writable=False) as conn:
+            pids = np.array(
+                [r[0] for r in conn.execute("SELECT pid FROM patients")], dtype=np.int64
+            )
+            return self._fallback(conn, pids, self._conditional_runs(conn), exact=exact)
+
+    @staticmethod
+    def _conditional_runs(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+        """Runs whose plan split the training noise: run id -> (colluders, threshold)."""
+        found: dict[str, tuple[int, int]] = {}
+        for run_id, request in conn.execute("SELECT run_id, request FROM plans"):
+            try:
+                split = json.loads(request).get("distributed-noise")
+                if isinstance(split, dict):
+                    found[str(run_id)] = (int(split["colluders"]), int(split["threshold"]))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue  # a plan this fedpriv did not write: nothing split
+        return found
+
+    def _fallback(
+        self,
+        conn: sqlite3.Connection,
+        pids: np.ndarray,
+        conditional: dict[str, tuple[int, int]],
+        *,
+        exact: bool,
+    ) -> tuple[float, bool] | None:
+        """Every patient's history with each training round of a conditional run counted at
+        the noise its own hospital added (sigma / sqrt(t - c): the colluders and the server
+        subtract the rest); the statistics release (round 0) and other runs stay as
+        recorded. The largest epsilon over the patients, and whether it is exact."""
+        events = [e for e in self._load_events(conn) if e.steps > 0]
+        if not any(e.run_id in conditional for e in events):
+            return None
+
+        def weakened(e: LedgerEvent) -> DpEvent:
+            if e.run_id not in conditional or e.round == STATISTICS_ROUND:
+                return e.event
+            colluders, threshold = conditional[e.run_id]
+            honest = max(threshold - colluders, 1)
+            return DpEvent(e.noise_multiplier / math.sqrt(honest), e.sample_rate, e.steps)
+
+        groups = group_patients(
+            pids,
+            list(self._versions.values()),
+            [(e.vid, weakened(e)) for e in events],
+            lambda sigma, q: self._curve(conn, sigma, q),
+        )
+        fast = groups.fast_epsilon(self.settings.delta)
+        sizes = groups.sizes()
+        values = [
+            self._record_value(conn, history, float(fast[g]), exact=exact, store=False)
+            for g, history in enumerate(groups.histories)
+            if sizes[g] > 0
+        ]
+        return max(values, default=(0.0, True))
 
     def patient(self, patient_id: str, *, exact: bool = False) -> PatientSpend:
         """One patient's spend, looked up by the ID the site knows it by (needs the key)."""

@@ -118,6 +118,9 @@ def _guarantee(config: Mapping[str, Any], privacy: Mapping[str, Any]) -> str:
             "every round it ever trained a patient in, and hospitals hold different patients, "
             f"so the largest hospital figure holds for the federation (per hospital: {each})."
         )
+    split = privacy.get("distributed_noise")
+    if isinstance(split, Mapping) and epsilons:
+        parts.append(_conditional(split))
     client = privacy.get("client_level")
     if isinstance(client, Mapping) and client.get("epsilon") is not None:
         parts.append(
@@ -127,6 +130,30 @@ def _guarantee(config: Mapping[str, Any], privacy: Mapping[str, Any]) -> str:
     if not parts:
         parts.append("<b>Guarantee:</b> DP was asked for, but no hospital reported its spend.")
     return " ".join(parts)
+
+
+def _conditional(split: Mapping[str, Any]) -> str:
+    """Distributed noise: the guarantee holds under a collusion assumption; what is left if
+    it fails."""
+    fallback = split.get("max_fallback_epsilon")
+    bound = "&le; "
+    if fallback is None:
+        fallback = split.get("max_fallback_planned_epsilon")
+        bound = "planned: "
+    elif split.get("max_fallback_epsilon_exact"):
+        bound = ""
+    text = (
+        "<b>This guarantee is conditional.</b> The hospitals split the training noise "
+        "(distributed noise under secure aggregation), so the epsilon above holds only while "
+        f"at most {fmt(split.get('colluders'))} hospitals collude with the server and it "
+        f"unmasks only sums over at least {fmt(split.get('threshold'))} hospitals."
+    )
+    if fallback is not None:
+        text += (
+            " If more hospitals collude with the server, each patient keeps only the noise "
+            f"its own hospital added: epsilon {bound}{fmt(fallback, 2)} per patient for life."
+        )
+    return text
 
 
 def _who_saw_what(config: Mapping[str, Any], he: Mapping[str, Any] | None) -> str:
@@ -260,6 +287,9 @@ def _privacy_section(privacy: Mapping[str, Any], rows: Sequence[Mapping[str, Any
         "for a patient is composed, at the ledger's delta. &le;: an upper bound (RDP); the "
         "exact value is computed at a run's last round.</p>"
     )
+    split = privacy.get("distributed_noise")
+    if isinstance(split, Mapping):
+        parts.append(f"<p>{_conditional(split)}</p>")
     client = privacy.get("client_level")
     if isinstance(client, Mapping):
         parts.append(

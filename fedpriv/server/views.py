@@ -187,6 +187,15 @@ class PrivacyView:
                     ),
                 }
             )
+            lifetime = [
+                s for s in splits.values() if isinstance(s.get("fallback_epsilon"), int | float)
+            ]
+            if lifetime:
+                # per patient and for life (every recorded run), as the ledgers compute it
+                out["max_fallback_epsilon"] = max(float(s["fallback_epsilon"]) for s in lifetime)
+                out["max_fallback_epsilon_exact"] = all(
+                    bool(s.get("fallback_epsilon_exact")) for s in lifetime
+                )
         return out
 
 

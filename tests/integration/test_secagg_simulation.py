@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 import fedpriv
 from fedpriv.client import handlers as fedpriv_app
 from fedpriv.config import RunConfig
+from fedpriv.report import build_report
 from fedpriv.server.simulation import prepare_simulation, run_plan
 
 COMMON = {"dataset": "breast-cancer", "hospitals": 5, "rounds": 3, "dp": False, "seed": 5}
@@ -207,8 +208,18 @@ def test_distributed_noise_sum_holds_the_full_noise_and_no_more(tmp_path: Path) 
         assert split["fallback_planned_epsilon"] == pytest.approx(
             google_epsilon([(sigma / np.sqrt(2), 1.0, 1)], 1e-5), rel=0.03
         )
+        # the same, per patient for life, from the ledger (an RDP bound: above, not far)
+        assert (
+            0.97 * split["fallback_planned_epsilon"]
+            <= split["fallback_epsilon"]
+            <= 1.3 * split["fallback_planned_epsilon"]
+        )
     assert privacy["distributed_noise"]["conditional"] is True
     assert "at most 1 hospitals collude" in privacy["distributed_noise"]["assumption"]
+    fallback = privacy["distributed_noise"]["max_fallback_epsilon"]
+    page = " ".join(build_report(runs[0].run_dir).read_text().split())
+    assert "This guarantee is conditional" in page and "at most 1 hospitals collude" in page
+    assert f"epsilon &le; {fallback:.2f} per patient for life" in page
 
     a, b = _model(runs[0].run_dir), _model(runs[1].run_dir)
     difference = np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in a])

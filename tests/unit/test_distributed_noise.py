@@ -136,11 +136,19 @@ class _Capture(PlainHospital):
         return super().encode(order, update, state)
 
 
-def _gradients(tmp_path: Path, split: NoiseSplit | None, runs: int = 2) -> tuple[Any, ...]:
+def _gradients(
+    tmp_path: Path,
+    split: NoiseSplit | None,
+    runs: int = 2,
+    *,
+    run_name: str = "dn",
+    ledger: str = "",
+) -> tuple[Any, ...]:
     """``runs`` FedSGD steps of hospital 0 from the same model: every patient is sampled
-    (q = 1), so the steps differ by their noise only."""
+    (q = 1), so the steps differ by their noise only. Each run has its own ledger unless
+    ``ledger`` names one."""
     config = RunConfig(
-        hospitals=3, rounds=1, strategy="fedsgd", run_name="dn", noise_multiplier=2.0
+        hospitals=3, rounds=1, strategy="fedsgd", run_name=run_name, noise_multiplier=2.0
     )
     data = local_data(config, {"partition-id": 0})
     record = msg.order_record(config, model_name="mlp", model_args=MLP_ARGS, mode=msg.MODE_GRADIENT)
@@ -149,7 +157,9 @@ def _gradients(tmp_path: Path, split: NoiseSplit | None, runs: int = 2) -> tuple
     side = _Capture(split)
     results = []
     for run in range(runs):
-        privacy = PrivacyState(ledger_path=tmp_path / f"{run}.sqlite", budget_epsilon=1e6)
+        privacy = PrivacyState(
+            ledger_path=tmp_path / (ledger or f"{run}.sqlite"), budget_epsilon=1e6
+        )
         results.append(
             train_round(msg.parse_order(record), data, arrays, privacy=privacy, side=side)
         )
@@ -195,6 +205,60 @@ def test_the_ledger_records_the_full_noise_and_the_assumption(tmp_path: Path) ->
     }
 
 
+def test_the_ledger_says_what_is_left_if_the_assumption_fails(tmp_path: Path) -> None:
+    """A conditional run (t = 4, c = 1: the hospital adds sigma / sqrt(3)), then an ordinary
+    run, in one ledger. The recorded epsilon composes the full sigma twice; if more hospitals
+    collude, the first run counts at the hospital's own share only. Both against Google's
+    accountant; `fedpriv budget` and the hospital's report say so."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedpriv.cli import app
+    from fedpriv.privacy.ledger import Ledger
+
+    split = NoiseSplit(threshold=4, colluders=1, scale=2.0)
+    (first,), _ = _gradients(tmp_path, split, runs=1, run_name="split", ledger="h.sqlite")
+    _gradients(tmp_path, None, runs=1, run_name="whole", ledger="h.sqlite")
+    summary = Ledger.open(tmp_path / "h.sqlite", writable=False).summary(exact=True)
+    assert summary.runs == 2 and summary.conditional_runs == (("split", 1, 4),)
+    share = 2.0 / math.sqrt(3)
+    recorded = google_epsilon([(2.0, 1.0, 1), (2.0, 1.0, 1)], 1e-5)
+    colluding = google_epsilon([(share, 1.0, 1), (2.0, 1.0, 1)], 1e-5)
+    assert summary.max_epsilon == pytest.approx(recorded, rel=0.03)
+    assert summary.max_epsilon_if_colluding == pytest.approx(colluding, rel=0.03)
+    assert summary.max_if_colluding_exact and colluding > 1.3 * recorded
+    # the hospital's report at the first run: the fast bound, an upper bound of Google's
+    alone = google_epsilon([(share, 1.0, 1)], 1e-5)
+    reported = first.privacy["distributed_noise"]
+    assert reported["fallback_epsilon_exact"] is False
+    assert 0.99 * alone <= reported["fallback_epsilon"] <= 1.3 * alone
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["budget", "--ledger", str(tmp_path / "h.sqlite")])
+    said = " ".join(shown.output.split())
+    assert shown.exit_code == 0, shown.output
+    assert "conditional: 1 run(s)" in said and "split (at most 1 of t = 4)" in said
+    fast = Ledger.open(tmp_path / "h.sqlite", writable=False).summary()
+    assert fast.max_epsilon_if_colluding is not None and not fast.max_if_colluding_exact
+    assert f"the largest ε is ≤ {fast.max_epsilon_if_colluding:.3f}" in said
+    machine = runner.invoke(
+        app, ["budget", "--ledger", str(tmp_path / "h.sqlite"), "--json", "--exact"]
+    )
+    (entry,) = json.loads(machine.output)
+    assert entry["summary"]["max_epsilon_if_colluding"] == pytest.approx(colluding, rel=0.03)
+
+
+def test_a_ledger_without_split_runs_has_no_conditional_figure(tmp_path: Path) -> None:
+    from fedpriv.privacy.ledger import Ledger
+
+    _gradients(tmp_path, None, runs=1, run_name="whole", ledger="h.sqlite")
+    ledger = Ledger.open(tmp_path / "h.sqlite", writable=False)
+    summary = ledger.summary()
+    assert summary.conditional_runs == () and summary.max_epsilon_if_colluding is None
+    assert ledger.fallback_epsilon() is None
+
+
 def test_shares_grow_by_what_rounding_can_add_to_the_sensitivity() -> None:
     plan = _plan(300)
     exact = NoiseSplit(threshold=3, colluders=1, scale=100.0)
@@ -203,3 +267,37 @@ def test_shares_grow_by_what_rounding_can_add_to_the_sensitivity() -> None:
     factor = rounded.added(plan, 5.0, values=values) / exact.added(plan, 5.0, values=values)
     # one patient moves the rounded sum by up to a C + sqrt(d) step (a >= 1 covers all)
     assert factor == pytest.approx(1 + math.sqrt(values) * 1e-6 / plan.max_grad_norm)
+
+
+def test_the_terminal_summary_says_the_guarantee_is_conditional(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The summary `fedpriv simulate` prints reads privacy.json: a distributed-noise run's
+    epsilon is followed by its assumption and what is left without it."""
+    import json
+    from types import SimpleNamespace
+
+    from fedpriv.cli import _print_summary
+
+    config = RunConfig.from_mapping({**ON, "hospitals": 3, "rounds": 1})
+    (tmp_path / "privacy.json").write_text(
+        json.dumps(
+            {
+                "dp": True,
+                "max_epsilon": 3.5,
+                "max_epsilon_exact": True,
+                "delta": 1e-5,
+                "hospitals": {"hospital-0": {"excluded_for_budget": 0}},
+                "distributed_noise": {"colluders": 1, "max_fallback_epsilon": 9.25},
+            }
+        )
+    )
+    final = {"hospitals": {"hospital-0": {"eval_accuracy": 0.9}}, "epsilon": {"hospital-0": 3.5}}
+    result = SimpleNamespace(
+        rows=[final], final=final, run_dir=tmp_path, last_round=1, config=config
+    )
+    _print_summary(result)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "epsilon 3.50 at delta 1e-05" in said
+    assert "conditional (distributed noise): holds while at most 1 hospitals collude" in said
+    assert "if more do, epsilon ≤ 9.25 per patient" in said
