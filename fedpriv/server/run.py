@@ -350,7 +350,12 @@ def build_server_app(
         if stop is not None:
             from fedpriv.server.stopping import StoppableGrid
 
-            grid = StoppableGrid(grid, stop)
+            stoppable = StoppableGrid(grid, stop)
+            try:
+                serve(stoppable, plan, on_round=on_round, outcome=outcome)
+            finally:
+                stoppable.close()
+            return
         serve(grid, plan, on_round=on_round, outcome=outcome)
 
     return app

@@ -26,6 +26,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpriv.errors import FedprivError
+from fedpriv.server.arrivals import ArrivalPulls
 
 __all__ = ["SimulationStopped", "StoppableGrid", "ray_did_not_start", "run_engine"]
 
@@ -52,6 +53,8 @@ class StoppableGrid(Grid):
     def __init__(self, grid: Grid, stop: threading.Event) -> None:
         self._grid = grid
         self._stop = stop
+        # Flower's in-memory grid: pull only the replies that have arrived (arrivals.py)
+        self._pulls = ArrivalPulls(grid)
 
     def _check(self) -> None:
         if self._stop.is_set():
@@ -77,7 +80,10 @@ class StoppableGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self._check()
-        return self._grid.pull_messages(message_ids)
+        return self._pulls.pull(message_ids)
+
+    def close(self) -> None:
+        self._pulls.close()
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
