@@ -104,9 +104,11 @@ def run_size(csv_path: Path, hospitals: int, rounds: int, out: Path) -> dict[str
         min_hospitals=1,
     )
     marks: list[float] = []
+    wall_started = time.time()
     started = time.perf_counter()
     result = simulate(config, on_round=lambda row: marks.append(time.perf_counter()))
     total = time.perf_counter() - started
+    phases = startup_phases(result.run_dir / "flower.log", wall_started)
     seconds = [float(r["seconds"]) for r in result.rows]
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     work = plain_work(config, sample=min(hospitals, 50))
@@ -118,8 +120,37 @@ def run_size(csv_path: Path, hospitals: int, rounds: int, out: Path) -> dict[str
         "work_ms_per_hospital": round(1000 * work, 1),
         "framework_ms_per_hospital_task": round(1000 * (steady / hospitals - work), 1),
         "startup_seconds": round(marks[0] - started - steady, 1),
+        "startup_phases": phases,
         "run_seconds": round(total, 1),
     }
+
+
+#: flower.log lines that mark start-up's phases, and the phase each one ends
+PHASE_MARKS = {
+    "prepare (data, split, checks)": "fedpriv.server.simulation: run directory:",
+    "until Ray starts initialising": "flwr: Initialising: RayBackend",
+    "Ray start and actors": "flwr: Constructed ActorPool",
+}
+
+
+def startup_phases(log: Path, wall_started: float) -> dict[str, float]:
+    """Seconds from the call to each mark in flower.log, then between marks; the first
+    round's replies come after the last (the workers import and load their data then)."""
+    import datetime
+
+    seen: dict[str, float] = {}
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        for phase, mark in PHASE_MARKS.items():
+            if phase not in seen and mark in line:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                seen[phase] = stamp.timestamp()
+    out: dict[str, float] = {}
+    last = wall_started
+    for phase in PHASE_MARKS:
+        if phase in seen:
+            out[phase] = round(seen[phase] - last, 2)
+            last = seen[phase]
+    return out
 
 
 def main() -> None:

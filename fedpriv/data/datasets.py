@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.config import NORMALISATIONS
+from fedpriv.data import handoff
 from fedpriv.data.schema import Schema, builtin_schema, parse_feature_statistics
 from fedpriv.errors import ConfigError, DataError
 
@@ -251,6 +252,17 @@ def file_version(spec: str) -> tuple[int, int]:
     return (info.st_size, info.st_mtime_ns)
 
 
+#: what this process loaded last (load arguments -> dataset): a simulation hands these to
+#: its workers (fedpriv.data.handoff) instead of having each parse the file again
+_LOADED: dict[tuple[str, ...], Dataset] = {}
+_LOADED_KEPT = 4
+
+
+def recently_loaded(spec: str) -> dict[tuple[str, ...], Dataset]:
+    """The datasets this process loaded from ``spec`` lately, by their load arguments."""
+    return {arguments: d for arguments, d in _LOADED.items() if arguments[0] == str(spec)}
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(
     spec: str,
@@ -258,6 +270,34 @@ def _load_cached(
     site_column: str,
     patient_column: str,
     version: tuple[int, int],
+    schema: Schema | None,
+    normalisation: str,
+) -> Dataset:
+    # not the file's version: in a simulation every process uses the server's snapshot
+    arguments = (
+        spec,
+        label_column,
+        site_column,
+        patient_column,
+        schema.digest if schema is not None else "",
+        normalisation,
+    )
+    shared = handoff.read(arguments)
+    if shared is not None:
+        return shared
+    dataset = _load_uncached(spec, label_column, site_column, patient_column, schema, normalisation)
+    _LOADED.pop(arguments, None)
+    _LOADED[arguments] = dataset
+    while len(_LOADED) > _LOADED_KEPT:
+        _LOADED.pop(next(iter(_LOADED)))
+    return dataset
+
+
+def _load_uncached(
+    spec: str,
+    label_column: str,
+    site_column: str,
+    patient_column: str,
     schema: Schema | None,
     normalisation: str,
 ) -> Dataset:

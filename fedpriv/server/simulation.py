@@ -171,12 +171,17 @@ def run_plan(
     if client_app is None:
         from fedpriv.client.app import app as client_app
 
+    from fedpriv.data.datasets import recently_loaded
+    from fedpriv.data.handoff import shared_datasets
+
     config = plan.config
     outcome = ServeOutcome()
     with (
         flower_logging(plan.run_dir, quiet=quiet),
         warnings.catch_warnings(),
         event_driven_pump(),
+        # the workers take the dataset the server loaded and checked (data/handoff.py)
+        shared_datasets(recently_loaded(config.dataset)),
     ):
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

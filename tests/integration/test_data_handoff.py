@@ -1,0 +1,44 @@
+"""A real simulation's workers train on the dataset the server loaded (fedpriv.data.handoff)
+instead of each parsing the file again: with the file gone after the server read it, every
+hospital still trains, on exactly the records the recorded split names."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fedpriv.config import RunConfig
+from fedpriv.data import handoff
+from fedpriv.server.simulation import prepare_simulation, run_plan
+
+
+def _csv(path: Path, rows: int = 240) -> Path:
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(rows, 4))
+    labels = (features[:, 0] + 0.3 * rng.normal(size=rows) > 0).astype(int)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["a", "b", "c", "d", "label"])
+        for row, label in zip(features.round(4).tolist(), labels.tolist(), strict=True):
+            writer.writerow([*row, label])
+    return path
+
+
+def test_workers_train_on_the_servers_copy_of_the_data(tmp_path: Path) -> None:
+    data = _csv(tmp_path / "site.csv")
+    config = RunConfig(
+        dataset=str(data), hospitals=3, rounds=1, dp=False, out=str(tmp_path), run_name="h"
+    )
+    plan = prepare_simulation(config)
+    data.rename(tmp_path / "gone.csv")  # a worker that opened the file now would fail
+    result = run_plan(plan)
+    (row,) = result.rows
+    assert sorted(row["hospitals"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    recorded = plan.run_dir.read_partitions()
+    for k, hospital in enumerate(recorded.hospitals):
+        assert row["hospitals"][f"hospital-{k}"]["train_examples"] == hospital.train.size
+    assert handoff.ENV not in os.environ
+    assert not list(Path("/dev/shm").glob("fedpriv-data-*"))  # removed when the run ended
