@@ -139,3 +139,38 @@ def test_csv_cells_are_read_as_python_reads_them_and_errors_name_the_line(
     patients.write_text("pid,a,label\np1,1,0\np2,2,1\n ,3,0\n")
     with pytest.raises(DataError, match=r"line 4: the patient column 'pid' is empty"):
         load_dataset(str(patients), patient_column="pid")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a,b,label\n1,2,0\n3,4,1\n",
+        "a,b,label\n1,2,0\n3,4,1",  # no final newline
+        "a,b,label\r\n1,2,0\r\n3,4,1\r\n",
+        'a,b,label\n"1",2,0\n3,"4,5",1\n',  # quotes: csv.reader's way
+        "a,b,label\n1,2,0\n\n3,4,1\n",  # a blank line
+        "a,b,label\n1,2,0\n3,4,1\n\n",
+        "a,b,label\n1,2,0,9\n3,4,1\n",  # a record with a field too many
+        "a,b,label\n1,2,0\n3,4\n",
+        "a,b,label\n 1, 2,0\n1,,1\n",
+        "a,b,label\n1,2,0\r3,4,1\n",  # a lone carriage return
+        "a,b,label\n",
+        "",
+    ],
+)
+def test_the_quick_split_reads_what_csv_reader_reads(text: str) -> None:
+    import csv
+    import io
+
+    from fedpriv.data.datasets import _cells
+
+    header, columns, count = _cells(text)
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    expected_header, records = (rows[0], rows[1:]) if rows else ([], [])
+    assert header == expected_header
+    wrong = [(r, len(row)) for r, row in enumerate(records, start=2) if len(row) != len(header)]
+    if wrong:
+        assert (columns, count) == wrong[0]
+    else:
+        assert count == len(records)
+        assert columns == [[row[i] for row in records] for i in range(len(header))]
