@@ -254,15 +254,25 @@ def file_version(spec: str) -> tuple[int, int]:
     return (info.st_size, info.st_mtime_ns)
 
 
-#: what this process loaded last (load arguments -> dataset): a simulation hands these to
-#: its workers (fedpriv.data.handoff) instead of having each parse the file again
-_LOADED: dict[tuple[str, ...], Dataset] = {}
-_LOADED_KEPT = 4
-
-
-def recently_loaded(spec: str) -> dict[tuple[str, ...], Dataset]:
-    """The datasets this process loaded from ``spec`` lately, by their load arguments."""
-    return {arguments: d for arguments, d in _LOADED.items() if arguments[0] == str(spec)}
+def load_key(
+    spec: str,
+    *,
+    label_column: str = "label",
+    site_column: str = "site",
+    patient_column: str = "",
+    schema: Schema | None = None,
+    normalisation: str = "auto",
+) -> tuple[str, ...]:
+    """What names one dataset as :func:`load_dataset` loads it, the file's version aside
+    (the key a simulation's workers find the server's copy by, fedpriv.data.handoff)."""
+    return (
+        str(spec),
+        label_column,
+        site_column,
+        patient_column,
+        schema.digest if schema is not None else "",
+        normalisation,
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -275,24 +285,20 @@ def _load_cached(
     schema: Schema | None,
     normalisation: str,
 ) -> Dataset:
-    # not the file's version: in a simulation every process uses the server's snapshot
-    arguments = (
-        spec,
-        label_column,
-        site_column,
-        patient_column,
-        schema.digest if schema is not None else "",
-        normalisation,
+    # a simulation's worker: the server's snapshot, whatever the file's version now
+    shared = handoff.read(
+        load_key(
+            spec,
+            label_column=label_column,
+            site_column=site_column,
+            patient_column=patient_column,
+            schema=schema,
+            normalisation=normalisation,
+        )
     )
-    shared = handoff.read(arguments)
     if shared is not None:
         return shared
-    dataset = _load_uncached(spec, label_column, site_column, patient_column, schema, normalisation)
-    _LOADED.pop(arguments, None)
-    _LOADED[arguments] = dataset
-    while len(_LOADED) > _LOADED_KEPT:
-        _LOADED.pop(next(iter(_LOADED)))
-    return dataset
+    return _load_uncached(spec, label_column, site_column, patient_column, schema, normalisation)
 
 
 def _load_uncached(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedpriv.config import RunConfig
-from fedpriv.data.datasets import Dataset, load_dataset, with_feature_statistics
+from fedpriv.data.datasets import Dataset, load_dataset, load_key, with_feature_statistics
 from fedpriv.data.partition import MIN_RECORDS_PER_HOSPITAL, create_partitioner, site_names
 from fedpriv.data.schema import check_schema_digest, load_schema
 from fedpriv.errors import DataError
@@ -214,18 +214,28 @@ def _patients_of(dataset: Dataset, pool: np.ndarray) -> list[np.ndarray]:
     return [np.array(members, dtype=np.int64) for members in groups.values()]
 
 
+def _load_arguments(config: RunConfig) -> dict[str, Any]:
+    return {
+        "label_column": config.label_column,
+        "site_column": config.site_column,
+        "patient_column": config.patient_column,
+        "schema": load_schema(config.schema) if config.schema else None,
+        "normalisation": config.normalisation,
+    }
+
+
+def loaded_for(config: RunConfig) -> dict[tuple[str, ...], Dataset]:
+    """The run's dataset as loaded (before any federated statistics), by its load key:
+    what a simulation hands its workers (fedpriv.data.handoff). Cached: no second read."""
+    arguments = _load_arguments(config)
+    return {load_key(config.dataset, **arguments): load_dataset(config.dataset, **arguments)}
+
+
 def dataset_for(config: RunConfig) -> Dataset:
     """The run's dataset, normalised as the run says (by its schema, or by the statistics
     the hospitals released under DP: the same transformation every hospital applies, never
     a statistic computed over the hospitals' records)."""
-    dataset = load_dataset(
-        config.dataset,
-        label_column=config.label_column,
-        site_column=config.site_column,
-        patient_column=config.patient_column,
-        schema=load_schema(config.schema) if config.schema else None,
-        normalisation=config.normalisation,
-    )
+    dataset = load_dataset(config.dataset, **_load_arguments(config))
     check_schema_digest(config.schema_digest, dataset.schema, who=f"'{config.dataset}'")
     if config.normalisation == "federated":  # the hospitals' combined statistics, if any yet
         dataset = with_feature_statistics(dataset, config.feature_statistics)

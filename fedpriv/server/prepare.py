@@ -58,6 +58,9 @@ class RunPlan:
     #: the training examples each hospital declared before round 1 (from the simulation's
     #: split, or a deployment's schema replies): a larger claim is refused
     declared: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: a simulation's dataset as the server loaded it, by load key: what its workers take
+    #: instead of reading the file again (fedpriv.data.handoff)
+    loaded: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
 
 
 def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, Any]]:

@@ -83,7 +83,11 @@ def simulate(
 
 def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -> RunPlan:
     """Validate and write the run directory's first files; nothing is started yet."""
+    from fedpriv.data.splits import loaded_for
+
     plan = prepare_run(share_gpu(config), resume_dir=resume, central=True)
+    # the copy prepare_run just read and checked (cached): the workers take this one
+    plan = dataclasses.replace(plan, loaded=loaded_for(plan.config))
     if plan.config.he:
         plan = dataclasses.replace(plan, decrypt=_harness_decryptor(plan))
     return plan
@@ -171,7 +175,6 @@ def run_plan(
     if client_app is None:
         from fedpriv.client.app import app as client_app
 
-    from fedpriv.data.datasets import recently_loaded
     from fedpriv.data.handoff import shared_datasets
 
     config = plan.config
@@ -181,7 +184,7 @@ def run_plan(
         warnings.catch_warnings(),
         event_driven_pump(),
         # the workers take the dataset the server loaded and checked (data/handoff.py)
-        shared_datasets(recently_loaded(config.dataset)),
+        shared_datasets(plan.loaded),
     ):
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
