@@ -381,17 +381,7 @@ def _run_simulation(
 
     def on_round(row: dict[str, Any]) -> None:
         with lock:
-            parts = [f"acc {_fmt(row.get('eval_accuracy'))}"]
-            if row.get("test_accuracy") is not None:
-                parts.append(f"test {_fmt(row['test_accuracy'])}")
-            if row.get("unaccounted"):
-                parts.append(f"NO DP accounting from {', '.join(row['unaccounted'])}")
-            elif row.get("epsilon"):
-                bound = "" if row.get("epsilon_exact") else "≤ "
-                parts.append(f"ε {bound}{max(row['epsilon'].values()):.2f}")
-            if row.get("declined"):
-                parts.append(f"{len(row['declined'])} declined")
-            progress.update(task, completed=row["round"], status="  ".join(parts))
+            progress.update(task, completed=row["round"], status=_round_status(row, config))
 
     with _quiet_libraries(plan.run_dir.path), progress:
         if plan.resume is not None:
@@ -416,6 +406,23 @@ def _run_simulation(
         from fedpriv.report import build_report
 
         console.print(f"report: {build_report(result.run_dir)}", highlight=False)
+
+
+def _round_status(row: dict[str, Any], config: RunConfig) -> str:
+    """The progress bar's status after a round: accuracies, the largest epsilon so far
+    (marked conditional under distributed noise), declines."""
+    parts = [f"acc {_fmt(row.get('eval_accuracy'))}"]
+    if row.get("test_accuracy") is not None:
+        parts.append(f"test {_fmt(row['test_accuracy'])}")
+    if row.get("unaccounted"):
+        parts.append(f"NO DP accounting from {', '.join(row['unaccounted'])}")
+    elif row.get("epsilon"):
+        bound = "" if row.get("epsilon_exact") else "≤ "
+        conditional = " (conditional)" if config.distributed_noise else ""
+        parts.append(f"ε {bound}{max(row['epsilon'].values()):.2f}{conditional}")
+    if row.get("declined"):
+        parts.append(f"{len(row['declined'])} declined")
+    return "  ".join(parts)
 
 
 def _simulated_linkage(

@@ -301,3 +301,12 @@ def test_the_terminal_summary_says_the_guarantee_is_conditional(
     assert "epsilon 3.50 at delta 1e-05" in said
     assert "conditional (distributed noise): holds while at most 1 hospitals collude" in said
     assert "if more do, epsilon ≤ 9.25 per patient" in said
+
+
+def test_the_progress_bar_marks_a_conditional_epsilon() -> None:
+    from fedpriv.cli import _round_status
+
+    row = {"round": 2, "eval_accuracy": 0.9, "epsilon": {"h0": 1.5, "h1": 2.25}}
+    split = RunConfig.from_mapping({**ON, "hospitals": 4, "rounds": 2})
+    assert _round_status(row, split).endswith("ε ≤ 2.25 (conditional)")
+    assert _round_status(row, RunConfig()).endswith("ε ≤ 2.25")
