@@ -17,6 +17,7 @@ its normal way (workers finish their message, then Ray shuts down), and waits fo
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -135,6 +136,8 @@ def run_engine(
             done.set()
 
     engine = threading.Thread(target=target, name="fedpriv-simulation", daemon=True)
+    interrupted = threading.Event()
+    restore = _note_interruptions(interrupted, stop)
     engine.start()
     try:
         while not done.wait(0.2):
@@ -149,8 +152,37 @@ def run_engine(
         # Flower does not wait for its ServerApp thread when the engine fails (e.g. Ray did
         # not start): a server still waiting for hospitals stops at its next grid call
         stop.set()
+        restore()
+    if interrupted.is_set():
+        # Ctrl-C whose KeyboardInterrupt was swallowed where it landed in this thread (a
+        # finaliser run by the garbage collector ignores exceptions): the server was told
+        # to stop all the same, and the caller is told it was interrupted
+        raise KeyboardInterrupt
     if failure:
         raise failure[0]
+
+
+def _note_interruptions(interrupted: threading.Event, stop: threading.Event) -> Callable[[], None]:
+    """In the main thread, wrap the SIGINT handler so that Ctrl-C also sets ``interrupted``
+    and ``stop`` before the usual KeyboardInterrupt; returns what puts the handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # ignored or the OS default: Python raises nothing either
+        return lambda: None
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        interrupted.set()
+        stop.set()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGINT) is on_interrupt:
+            signal.signal(signal.SIGINT, previous)
+
+    return restore
 
 
 def ray_did_not_start(error: BaseException) -> bool:

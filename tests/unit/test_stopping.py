@@ -67,3 +67,25 @@ def test_run_engine_passes_the_engines_own_error_on() -> None:
 
     with pytest.raises(ValueError, match="engine failed"):
         run_engine(broken, threading.Event())
+
+
+def test_an_interruption_swallowed_where_it_landed_still_stops_the_run() -> None:
+    """Ctrl-C's KeyboardInterrupt is raised wherever the main thread happens to be; inside a
+    finaliser the garbage collector runs, it is printed and dropped. The run must stop and
+    the caller hear of it all the same (a test of this once ran all its 200 rounds)."""
+    import contextlib
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = threading.Event()
+
+    def engine() -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler)
+        with contextlib.suppress(KeyboardInterrupt):  # a finaliser's way with it
+            handler(signal.SIGINT, None)  # what Ctrl-C runs
+        assert stop.wait(5), "the server was told to stop"
+
+    with pytest.raises(KeyboardInterrupt):
+        run_engine(engine, stop)
+    assert signal.getsignal(signal.SIGINT) is before
