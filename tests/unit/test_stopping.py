@@ -76,6 +76,9 @@ def test_an_interruption_swallowed_where_it_landed_still_stops_the_run() -> None
     import contextlib
     import signal
 
+    # a process started in the background may inherit SIGINT ignored: Python's own handler
+    # for this test, whatever the runner's launcher did
+    launched = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGINT)
     stop = threading.Event()
 
@@ -86,6 +89,9 @@ def test_an_interruption_swallowed_where_it_landed_still_stops_the_run() -> None
             handler(signal.SIGINT, None)  # what Ctrl-C runs
         assert stop.wait(5), "the server was told to stop"
 
-    with pytest.raises(KeyboardInterrupt):
-        run_engine(engine, stop)
-    assert signal.getsignal(signal.SIGINT) is before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_engine(engine, stop)
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, launched)
