@@ -4,11 +4,15 @@ hospital still trains, on exactly the records the recorded split names."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from fedpriv.config import RunConfig
 from fedpriv.data import handoff
@@ -27,15 +31,25 @@ def _csv(path: Path, rows: int = 240) -> Path:
     return path
 
 
-def test_workers_train_on_the_servers_copy_of_the_data(tmp_path: Path) -> None:
+def test_workers_train_on_the_servers_copy_of_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = _csv(tmp_path / "site.csv")
     config = RunConfig(
         dataset=str(data), hospitals=3, rounds=1, dp=False, out=str(tmp_path), run_name="h"
     )
     plan = prepare_simulation(config)
     data.rename(tmp_path / "gone.csv")  # a worker that opened the file now would fail
-    copies = Path("/dev/shm")
-    before = set(copies.glob("fedpriv-data-*"))
+    used: list[Path | None] = []
+    real = handoff.shared_datasets
+
+    @contextlib.contextmanager
+    def noted(datasets: Any) -> Iterator[Path | None]:
+        with real(datasets) as directory:
+            used.append(directory)
+            yield directory
+
+    monkeypatch.setattr(handoff, "shared_datasets", noted)
     result = run_plan(plan)
     (row,) = result.rows
     assert sorted(row["hospitals"]) == ["hospital-0", "hospital-1", "hospital-2"]
@@ -43,4 +57,5 @@ def test_workers_train_on_the_servers_copy_of_the_data(tmp_path: Path) -> None:
     for k, hospital in enumerate(recorded.hospitals):
         assert row["hospitals"][f"hospital-{k}"]["train_examples"] == hospital.train.size
     assert handoff.ENV not in os.environ
-    assert set(copies.glob("fedpriv-data-*")) <= before  # this run's copy went with it
+    (directory,) = used
+    assert directory is not None and not directory.exists()  # the copy went with the run
