@@ -411,11 +411,10 @@ class Ledger:
         the hospitals filled (or are computed with ``exact``); otherwise the fast bound."""
         threshold = self.settings.budget_epsilon if threshold is None else threshold
         with self._connect(writable=False) as conn:
-            pids = np.array(
-                [r[0] for r in conn.execute("SELECT pid FROM patients")], dtype=np.int64
-            )
+            pids = self._all_pids(conn)
             groups = self._groups(conn, pids)
             events = self._events
+            runs = {e.run_id for e in events}
             fast = groups.fast_epsilon(self.settings.delta)
             sizes = groups.sizes()
             values = []
@@ -433,7 +432,7 @@ class Ledger:
             hospitals=tuple(sorted({e.hospital for e in events})),
             patients=int(pids.size),
             events=len(events),
-            runs=len({e.run_id for e in events}),
+            runs=len(runs),
             max_epsilon=worst[0],
             max_exact=worst[1],
             at_or_over=sum(n for value, _, n in live if value >= threshold),
@@ -444,9 +443,9 @@ class Ledger:
             identity=self.settings.identity,
             groups=tuple(sorted(live, reverse=True)),
             conditional_runs=tuple(
-                (run, colluders, threshold)
-                for run, (colluders, threshold) in sorted(conditional.items())
-                if run in {e.run_id for e in events}
+                (run, colluders, t)
+                for run, (colluders, t) in sorted(conditional.items())
+                if run in runs
             ),
             max_epsilon_if_colluding=None if fallback is None else fallback[0],
             max_if_colluding_exact=True if fallback is None else fallback[1],
@@ -457,10 +456,12 @@ class Ledger:
         per-patient epsilon if the runs' collusion assumptions fail, and whether it is exact;
         None when no recorded run split its noise."""
         with self._connect(writable=False) as conn:
-            pids = np.array(
-                [r[0] for r in conn.execute("SELECT pid FROM patients")], dtype=np.int64
-            )
+            pids = self._all_pids(conn)
             return self._fallback(conn, pids, self._conditional_runs(conn), exact=exact)
+
+    @staticmethod
+    def _all_pids(conn: sqlite3.Connection) -> np.ndarray:
+        return np.array([r[0] for r in conn.execute("SELECT pid FROM patients")], dtype=np.int64)
 
     @staticmethod
     def _conditional_runs(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
