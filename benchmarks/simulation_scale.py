@@ -8,7 +8,7 @@ noise) split IID over the hospitals; fedpriv's defaults otherwise (MLP, 1 local 
 seconds per round (median of rounds 2..N), and per hospital task (a round's seconds over its
 hospitals). "Work" is the same training and held-out evaluation in one plain loop (no Flower),
 timed on a sample of hospitals and scaled: the framework's cost per task is
-(round seconds - work) / hospitals; the simulation runs two Ray workers on 2 shared cores, the
+(round seconds - work) / hospitals; the simulation runs two workers on 2 shared cores, the
 plain loop one process, so this over-counts nothing that parallel workers would hide.
 """
 
@@ -125,11 +125,13 @@ def run_size(csv_path: Path, hospitals: int, rounds: int, out: Path) -> dict[str
     }
 
 
-#: flower.log lines that mark start-up's phases, and the phase each one ends
+#: flower.log lines that mark start-up's phases, and the phase each one ends (Ray's, or the
+#: forked workers' of fedpriv/server/workers.py, the default without a GPU)
 PHASE_MARKS = {
     "prepare (data, split, checks)": "fedpriv.server.simulation: run directory:",
     "until Ray starts initialising": "flwr: Initialising: RayBackend",
     "Ray start and actors": "flwr: Constructed ActorPool",
+    "forked workers ready": "fedpriv.server.workers: hospital workers ready",
 }
 
 

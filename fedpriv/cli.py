@@ -346,6 +346,10 @@ def _run_simulation(
     *,
     linkage: tuple[str | None, str | None] = (None, None),
 ) -> None:
+    from fedpriv.server import workers
+
+    if workers.wanted(config.gpus_per_hospital):
+        workers.start_early()  # the workers' imports overlap this process's from here on
     from fedpriv.server.simulation import prepare_simulation, run_plan
 
     quasi_identifiers, sensitive = linkage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any
 
 from fedpriv.config import RunConfig
 from fedpriv.errors import DeviceError
+from fedpriv.server import workers
 from fedpriv.server.pump import event_driven_pump
 from fedpriv.server.run import (
     RoundCallback,
@@ -66,6 +68,20 @@ def _backend_config(config: RunConfig) -> dict[str, Any]:
     }
 
 
+def _backend(plan: RunPlan) -> contextlib.AbstractContextManager[Any]:
+    """Forked workers (workers.py) unless the hospitals share a GPU or Ray is asked for."""
+    config = plan.config
+    if not workers.wanted(config.gpus_per_hospital):
+        return contextlib.nullcontext()
+    cpus = os.cpu_count() or 1
+    per_hospital = min(config.cpus_per_hospital, cpus)
+    return workers.forked_backend(
+        workers=max(1, int(cpus // per_hospital)),
+        threads=max(1, int(per_hospital)),
+        log=plan.run_dir.file(workers.WORKERS_LOG),
+    )
+
+
 def simulate(
     config: RunConfig,
     *,
@@ -85,6 +101,8 @@ def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -
     """Validate and write the run directory's first files; nothing is started yet."""
     from fedpriv.data.splits import loaded_for
 
+    if workers.wanted(config.gpus_per_hospital):
+        workers.start_early()  # its imports overlap the preparation below
     plan = prepare_run(share_gpu(config), resume_dir=resume, central=True)
     # the copy prepare_run just read and checked (cached): the workers take this one
     plan = dataclasses.replace(plan, loaded=loaded_for(plan.config))
@@ -185,6 +203,7 @@ def run_plan(
         event_driven_pump(),
         # the workers take the dataset the server loaded and checked (data/handoff.py)
         shared_datasets(plan.loaded),
+        _backend(plan),
     ):
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

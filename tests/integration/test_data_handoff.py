@@ -16,6 +16,7 @@ import pytest
 
 from fedpriv.config import RunConfig
 from fedpriv.data import handoff
+from fedpriv.server import workers
 from fedpriv.server.simulation import prepare_simulation, run_plan
 
 
@@ -31,9 +32,16 @@ def _csv(path: Path, rows: int = 240) -> Path:
     return path
 
 
+@pytest.mark.parametrize("backend", ["forked", "ray"])
 def test_workers_train_on_the_servers_copy_of_the_data(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
+    """On both simulation backends: the default forked workers (server/workers.py) and the
+    Ray actors kept for GPU shares (``FEDPRIV_SIMULATION_BACKEND=ray``)."""
+    if backend == "ray":
+        monkeypatch.setenv(workers.BACKEND_ENV, "ray")
+    else:
+        monkeypatch.delenv(workers.BACKEND_ENV, raising=False)
     data = _csv(tmp_path / "site.csv")
     config = RunConfig(
         dataset=str(data), hospitals=3, rounds=1, dp=False, out=str(tmp_path), run_name="h"
@@ -59,3 +67,5 @@ def test_workers_train_on_the_servers_copy_of_the_data(
     assert handoff.ENV not in os.environ
     (directory,) = used
     assert directory is not None and not directory.exists()  # the copy went with the run
+    # the forked workers write what they print to the run directory; Ray's keep it
+    assert (plan.run_dir.path / workers.WORKERS_LOG).exists() == (backend == "forked")

@@ -1,0 +1,187 @@
+"""The simulation's forked workers (fedpriv.server.workers) keep the contract Flower's engine
+has with its Ray backend: real worker processes, run through the backend class Flower's
+``start_vce`` would import, with a real Flower ClientApp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import ClientAppException
+
+from fedpriv.server import workers
+
+pytestmark = pytest.mark.skipif(
+    "forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+    reason="this platform has no fork server",
+)
+
+app = ClientApp()
+
+
+@app.train()
+def _train(message: Message, context: Context) -> Message:
+    hold = float(message.content["order"]["hold"])  # type: ignore[arg-type]
+    time.sleep(hold)
+    seen = int(context.state["seen"]["n"]) if "seen" in context.state else 0  # type: ignore[arg-type]
+    context.state["seen"] = ConfigRecord({"n": seen + 1})
+    print("a line the terminal must not get")
+    reply = ConfigRecord(
+        {"pid": os.getpid(), "env": os.environ.get("FEDPRIV_TEST_WORKERS", ""), "seen": seen}
+    )
+    return Message(RecordDict({"reply": reply}), reply_to=message)
+
+
+@app.query()
+def _query(message: Message, context: Context) -> Message:
+    raise ValueError("the hospital's file is unreadable")
+
+
+@app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    os._exit(7)
+
+
+def _message(kind: str, hold: float = 0.0) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{time.monotonic_ns()}",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=kind,
+    )
+    return Message(RecordDict({"order": ConfigRecord({"hold": hold})}), metadata=metadata)
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+
+@pytest.fixture
+def backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("FEDPRIV_TEST_WORKERS", "set after the fork server started")
+    with workers.forked_backend(workers=2, threads=1, log=tmp_path / "workers.log"):
+        cls = sys.modules[workers._RAY_MODULE].RayBackend
+        made = cls({})
+    made.build(lambda: app)
+    yield made
+    made.terminate()
+
+
+def test_messages_run_in_worker_processes_that_keep_their_state(
+    backend: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert backend.num_workers == 2 and backend.is_worker_idle()
+    replies: list[tuple[Message, Context]] = []
+
+    def send() -> None:
+        replies.append(backend.process_message(_message("train", hold=1.0), _context()))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    pids = {int(reply.content["reply"]["pid"]) for reply, _ in replies}  # type: ignore[arg-type]
+    assert len(pids) == 2 and os.getpid() not in pids  # two workers, not this process
+    assert time.monotonic() - started < 60
+    for reply, context in replies:
+        assert reply.content["reply"]["env"] == "set after the fork server started"
+        assert context.state["seen"]["n"] == 1  # the context the ClientApp updated comes back
+    # what a worker prints goes to the run's workers.log, not to the terminal
+    assert "a line the terminal must not get" not in capfd.readouterr().out
+    assert "a line the terminal must not get" in (tmp_path / "workers.log").read_text()
+
+
+def test_an_exception_is_the_messages_error_and_the_worker_stays(backend: Any) -> None:
+    with pytest.raises(ClientAppException, match="ValueError: the hospital's file is unread"):
+        backend.process_message(_message("query"), _context())
+    reply, _ = backend.process_message(_message("train"), _context())
+    assert int(reply.content["reply"]["seen"]) == 0  # type: ignore[arg-type]
+
+
+def test_a_worker_that_dies_is_replaced(backend: Any) -> None:
+    with pytest.raises(ClientAppException, match="worker process ended \\(exit 7\\)"):
+        backend.process_message(_message("evaluate"), _context())
+    assert backend.num_workers == 2
+    pids = set()
+    for _ in range(4):
+        reply, _ = backend.process_message(_message("train"), _context())
+        pids.add(int(reply.content["reply"]["pid"]))  # type: ignore[arg-type]
+    assert pids and os.getpid() not in pids
+
+
+def test_terminate_ends_every_worker(tmp_path: Path) -> None:
+    with workers.forked_backend(workers=2, threads=1, log=tmp_path / "w.log"):
+        made = sys.modules[workers._RAY_MODULE].RayBackend({})
+    made.build(lambda: app)
+    processes = [worker.process for worker in made._all]
+    assert all(process.is_alive() for process in processes)
+    made.terminate()
+    assert not any(process.is_alive() for process in processes)
+
+
+def test_flowers_ray_module_is_restored_after_the_block(tmp_path: Path) -> None:
+    before = sys.modules.get(workers._RAY_MODULE)
+    with workers.forked_backend(workers=1, threads=1, log=tmp_path / "w.log"):
+        assert sys.modules[workers._RAY_MODULE] is not before
+    assert sys.modules.get(workers._RAY_MODULE) is before
+
+
+def test_ray_is_kept_for_gpu_shares_and_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers.BACKEND_ENV, raising=False)
+    assert workers.wanted(0.0) and not workers.wanted(0.5)
+    monkeypatch.setenv(workers.BACKEND_ENV, "ray")
+    assert not workers.wanted(0.0)
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
+    """multiprocessing would import the calling script again in each worker; an unguarded
+    script would then run its simulation there too. The workers leave ``__main__`` alone."""
+    marks = tmp_path / "marks.txt"
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            from pathlib import Path
+            from tests.unit.test_workers import app, _context, _message
+            from fedpriv.server import workers
+
+            with Path({str(marks)!r}).open("a") as handle:
+                handle.write("script ran\\n")
+            with workers.forked_backend(workers=1, threads=1, log={str(tmp_path / "w.log")!r}):
+                made = sys.modules[workers._RAY_MODULE].RayBackend({{}})
+            made.build(lambda: app)
+            reply, _ = made.process_message(_message("train"), _context())
+            made.terminate()
+            print("pid", reply.content["reply"]["pid"])
+            """
+        )
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pid" in done.stdout
+    assert marks.read_text() == "script ran\n"
