@@ -51,17 +51,19 @@ records makes ``a_i`` larger, so the server needs both counts of each hospital: 
 to (its patient column; without one, its distinct records), and ``sigma_i``, ``q_i`` follow
 from ``u_i`` as the hospital computes them itself (:func:`noise_scale`). A declaration
 without a patient count (an older site) means one record per patient. The check is what
-makes the declaration safe: ``a_i sigma_i`` falls as the declared patients grow (a larger
-cohort is sampled at a lower rate and needs less noise) and rises with the records, so a
-hospital that declares more patients or fewer records than it has may get a ``rho`` too small
-for its patients, and then declines: it is never under-protected. One that declares fewer
-patients or more records only raises everyone's noise (its claims are capped by its declared
-records, and a cohort under ``min-patients`` has no say).
-What a declaration discloses: two counts per site, the size of its training set and of the
-cohort behind it, to the server (an honest-but-curious one learns them; the record count
-was already declared, and every round's reply carries an example count). They are not
-protected by DP; a site for which the number of its patients is itself sensitive should not
-take part (or pad its cohort).
+makes the declaration safe: each hospital checks what it really holds, so whatever it
+declared it is never under-protected. A declaration that makes its ``a_i sigma_i`` look
+smaller than it is (typically more patients than it has, e.g. one per record, or fewer
+records) leaves ``rho`` short of its need and it declines every round; one that makes it
+look larger only raises everyone's noise (its claims are capped by its declared records,
+and a cohort under ``min-patients`` has no say).
+
+Disclosure. A declaration tells the server two counts per site: the size of its training
+set and of the cohort behind it (so also the mean records per patient). That is a small
+disclosure about the site, not about a patient, of the kind already made (the record count
+was declared before, and every round's reply carries an example count); neither count is
+protected by DP. A site for which its number of patients is itself sensitive should not
+take part under distributed noise.
 
 Rounding. Secure aggregation rounds every value of a hospital's vector to its fixed-point
 grid (step ``s`` in the units of the sum, about 1e-8 of the range), so one patient can move
