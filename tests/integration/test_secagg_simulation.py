@@ -219,6 +219,7 @@ def test_distributed_noise_sum_holds_the_full_noise_and_no_more(tmp_path: Path) 
     fallback = privacy["distributed_noise"]["max_fallback_epsilon"]
     page = " ".join(build_report(runs[0].run_dir).read_text().split())
     assert "This guarantee is conditional" in page and "at most 1 hospitals collude" in page
+    assert page.count("This guarantee is conditional") == 1, "stated once, at the top"
     assert f"epsilon &le; {fallback:.2f} per patient for life" in page
 
     a, b = _model(runs[0].run_dir), _model(runs[1].run_dir)

@@ -557,3 +557,43 @@ def test_sites_declare_their_patients_with_their_schema(
             assert patients == np.unique(keyed).size
     assert "odd" not in resolved.declared and "odd" not in resolved.declared_patients
     assert "odd declared" in caplog.text and "it has no say" in caplog.text
+
+
+def test_the_report_states_the_condition_once_and_the_figures_where_the_spend_is(
+    tmp_path: Path,
+) -> None:
+    """report.html: the assumption in words with the guarantee at the top (once); the
+    privacy section repeats only its figures and points there."""
+    import json
+
+    from fedpriv.report import build_report
+
+    config = RunConfig.from_mapping({**ON, "hospitals": 4, "rounds": 1}).to_mapping()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model": "mlp"}))
+    (tmp_path / "metrics.jsonl").write_text("")
+    report = {"epsilon": 3.5, "epsilon_exact": True, "budget_epsilon": 10.0, "delta": 1e-5}
+    (tmp_path / "privacy.json").write_text(
+        json.dumps(
+            {
+                "dp": True,
+                "max_epsilon": 3.5,
+                "max_epsilon_exact": True,
+                "delta": 1e-5,
+                "hospitals": {"hospital-0": report},
+                "distributed_noise": {
+                    "colluders": 1,
+                    "threshold": 3,
+                    "max_fallback_epsilon": 9.25,
+                    "max_fallback_epsilon_exact": False,
+                },
+            }
+        )
+    )
+    page = " ".join(build_report(tmp_path).read_text().split())
+    assert page.count("This guarantee is conditional") == 1
+    assert page.count("epsilon &le; 9.25 per patient") == 2  # the guarantee, the figures
+    summary = page[page.index("<p id='summary'>") : page.index("<section id='results'>")]
+    assert "This guarantee is conditional" in summary and "at most 1 hospitals collude" in summary
+    privacy = page[page.index("<section id='privacy'>") :]
+    assert "the epsilons above are conditional (at most 1 hospitals collude" in privacy
+    assert "sums over at least 3 hospitals" in privacy and "href='#summary'" in privacy
