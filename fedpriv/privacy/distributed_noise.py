@@ -206,8 +206,9 @@ class NoiseSplit:
         if needed > self.scale * (1 + _SLACK):
             raise FedprivError(
                 f"distributed noise: this hospital's patients need noise {needed:.6g} in the "
-                f"sum, the run's shares give {self.scale:.6g} (its patients hold several "
-                "records each, or its size is not the one it declared): it declines the round"
+                f"sum, the run's shares give {self.scale:.6g} (it holds other records or "
+                "patients than it declared, or some of its patients were left out for budget "
+                "or merged by its ledger): it declines the round"
             )
         rounding = 1.0 + math.sqrt(values) * self.rounding / plan.max_grad_norm
         return rounding * self.scale / (scale_of_hospital * math.sqrt(self.honest))

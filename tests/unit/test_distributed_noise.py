@@ -362,6 +362,35 @@ def test_rho_is_the_largest_share_any_declared_hospital_needs(batch_size: int) -
     assert noise_scale(config, records, patients) > noise_scale(config, records)
 
 
+def test_the_secagg_range_is_sized_for_the_declared_patients() -> None:
+    """The same declarations size secure aggregation's range R: the largest honest update
+    of a hospital training its declared patients (DP-SGD samples and clips patients)."""
+    from fedpriv.privacy.update_norm import run_update_bound
+    from fedpriv.protocols.secagg import max_norm
+
+    config = RunConfig.from_mapping({"aggregation": "secagg", "hospitals": 3, "accountant": "rdp"})
+    records = {"h0": 120, "h1": 300, "h2": 90, "h3": 50}
+    patients = {"h0": 40, "h1": 150, "h2": 90, "h3": 51}  # h3's cannot be: no say
+    size = 1_000
+
+    def bound(units: int) -> float:
+        value = run_update_bound(config, units=units, parameters=size)
+        assert value is not None
+        return value.total
+
+    expected = max(bound(patients[h]) for h in ("h0", "h1", "h2"))
+    assert max_norm(config, declared=records, parameters=size, patients=patients) == (
+        pytest.approx(expected, rel=1e-12),
+        "derived",
+    )
+    # without patient counts: one record per patient, as before (a different range)
+    per_record = max(bound(n) for n in records.values())
+    assert max_norm(config, declared=records, parameters=size)[0] == pytest.approx(
+        per_record, rel=1e-12
+    )
+    assert abs(per_record - expected) > 0.05 * expected
+
+
 @pytest.mark.parametrize(
     "bad",
     [-1, 201, 2.5, True, "50", None, float("nan"), 0],  # 0 patients of 200 records
