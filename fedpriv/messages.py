@@ -73,6 +73,7 @@ SCHEMA = "schema"  # ConfigRecord of a schema reply
 SCHEMA_SHAPE = "input-shape"
 SCHEMA_CLASSES = "num-classes"
 SCHEMA_EXAMPLES = "num-examples"  # the training examples a site declares before round 1
+SCHEMA_PATIENTS = "num-patients"  # the patients they belong to (absent: one record each)
 SCHEMA_LEDGER_DELTA = "ledger-delta"  # the delta a site's ledger composes at (its policy)
 SCHEMA_LEDGER_CAP = "ledger-budget-epsilon"
 PROTOCOL_KEYS = frozenset(

@@ -28,6 +28,7 @@ from fedpriv.client.hospital import (
 )
 from fedpriv.client.interop import flower_servers_mod, read_order
 from fedpriv.errors import FedprivError
+from fedpriv.privacy.identity import count_patients
 from fedpriv.protocols.base import UNUSABLE, AggregateUnusable
 from fedpriv.protocols.secagg import QUERIES as SECAGG_QUERIES
 from fedpriv.protocols.secagg import UNMASK
@@ -234,6 +235,10 @@ def _schema_reply(message: Message, context: Context) -> Message:
             msg.SCHEMA_EXAMPLES: int(data.train_labels.size),
         }
     )
+    if data.train_records is not None:
+        # how many patients those records belong to (distributed noise sizes the shares by
+        # both): a count, disclosed like the record count (fedpriv.privacy.distributed_noise)
+        schema[msg.SCHEMA_PATIENTS] = count_patients(data.train_records)
     settings = ledger_settings(config, context.node_config, data.name)
     if settings is not None:  # the site's privacy policy, so a run it refuses never starts
         schema[msg.SCHEMA_LEDGER_DELTA] = settings.delta

@@ -45,7 +45,25 @@ adds multiplier ``rho / (a_j sqrt(t - c))``, with one ``rho`` (``scale``) for th
 ``a_i sigma_i`` for every hospital ``i``: the server takes the largest over the hospitals'
 declared sizes, and each hospital checks ``a_i sigma_i <= rho`` before it trains (and
 declines the round otherwise, its event already recorded: its patients would be
-under-protected). With one record per patient ``a_i = 1 / q_i``.
+under-protected). With one record per patient ``a_i = 1 / q_i``; a patient with several
+records makes ``a_i`` larger, so the server needs both counts of each hospital: before round
+1 every hospital declares its training records ``n_i`` and the patients ``u_i`` they belong
+to (its patient column; without one, its distinct records), and ``sigma_i``, ``q_i`` follow
+from ``u_i`` as the hospital computes them itself (:func:`noise_scale`). A declaration
+without a patient count (an older site) means one record per patient. The check is what
+makes the declaration safe: each hospital checks what it really holds, so whatever it
+declared it is never under-protected. A declaration that makes its ``a_i sigma_i`` look
+smaller than it is (typically more patients than it has, e.g. one per record, or fewer
+records) leaves ``rho`` short of its need and it declines every round; one that makes it
+look larger only raises everyone's noise (its claims are capped by its declared records,
+and a cohort under ``min-patients`` has no say).
+
+Disclosure. A declaration tells the server two counts per site: the size of its training
+set and of the cohort behind it (so also the mean records per patient). That is a small
+disclosure about the site, not about a patient, of the kind already made (the record count
+was declared before, and every round's reply carries an example count); neither count is
+protected by DP. A site for which its number of patients is itself sensitive should not
+take part under distributed noise.
 
 Rounding. Secure aggregation rounds every value of a hospital's vector to its fixed-point
 grid (step ``s`` in the units of the sum, about 1e-8 of the range), so one patient can move
@@ -64,7 +82,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from fedpriv.errors import FedprivError
+import numpy as np
+
+from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.privacy.accounting import (
     DpEvent,
     DpPlan,
@@ -79,6 +99,7 @@ __all__ = [
     "default_colluders",
     "noise_scale",
     "sum_scale",
+    "usable_size",
 ]
 
 #: what the guarantee rests on, in words (privacy.json, the privacy report)
@@ -103,24 +124,50 @@ def sum_scale(*, examples: int, units: int, sample_rate: float) -> float:
     return examples / max(1.0, units * sample_rate)
 
 
-def noise_scale(config: Any, declared: Mapping[str, int]) -> float:
+def noise_scale(
+    config: Any, declared: Mapping[str, int], patients: Mapping[str, int] | None = None
+) -> float:
     """``rho`` for a run: the largest ``a_i sigma_i`` of the declared hospitals, each with the
-    noise it calibrates for itself (:func:`plan_for_run`) and one record per patient
-    (``a_i = 1 / q_i``). Hospitals declared with fewer than ``min-patients`` records decline
-    every round and have no say."""
-    values = [
-        plan.noise_multiplier / plan.sample_rate
-        for plan in (
-            plan_for_run(config, int(count), one_step_per_round=True)
-            for count in declared.values()
-            if int(count) >= config.min_patients
-        )
-    ]
+    noise it calibrates for its patients (:func:`plan_for_run`) and ``a_i`` from its declared
+    training records (``declared``) and the patients they belong to (``patients``;
+    :func:`sum_scale`). A hospital that declared no patient count holds one record per
+    patient. Hospitals declared with fewer than ``min-patients`` patients, or with counts that
+    cannot be (not whole, negative, more patients than records), have no say: the first
+    because a liar claiming a tiny hospital would raise everyone's noise, the second because
+    nothing sound can be computed from them (an honest hospital never sends them)."""
+    patients = patients or {}
+    values = []
+    for name, records in declared.items():
+        size = usable_size(records, patients.get(name, records))
+        if size is None or size[1] < config.min_patients:
+            continue
+        examples, units = size
+        try:
+            plan = plan_for_run(config, units, one_step_per_round=True)
+        except ConfigError:  # this hospital cannot train at all; it says why itself
+            continue
+        a = sum_scale(examples=examples, units=units, sample_rate=plan.sample_rate)
+        values.append(a * plan.noise_multiplier)
     if not values:
         raise FedprivError(
-            "distributed noise: no hospital declared enough training records to size the noise"
+            "distributed noise: no hospital declared enough training patients to size the noise"
         )
     return max(values)
+
+
+def usable_size(examples: Any, patients: Any) -> tuple[int, int] | None:
+    """A declared ``(records, patients)`` as ints, or None when they cannot be a hospital's
+    (not whole numbers, negative, more patients than records, records of no patient)."""
+    counts = []
+    for value in (examples, patients):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            return None
+        if not (math.isfinite(float(value)) and float(value).is_integer() and value >= 0):
+            return None
+        counts.append(int(value))
+    if counts[1] > counts[0] or (counts[0] > 0 and counts[1] == 0):
+        return None
+    return counts[0], counts[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +206,9 @@ class NoiseSplit:
         if needed > self.scale * (1 + _SLACK):
             raise FedprivError(
                 f"distributed noise: this hospital's patients need noise {needed:.6g} in the "
-                f"sum, the run's shares give {self.scale:.6g} (its patients hold several "
-                "records each, or its size is not the one it declared): it declines the round"
+                f"sum, the run's shares give {self.scale:.6g} (it holds other records or "
+                "patients than it declared, or some of its patients were left out for budget "
+                "or merged by its ledger): it declines the round"
             )
         rounding = 1.0 + math.sqrt(values) * self.rounding / plan.max_grad_norm
         return rounding * self.scale / (scale_of_hospital * math.sqrt(self.honest))

@@ -34,6 +34,7 @@ __all__ = [
     "KeyedRecords",
     "SiteKey",
     "SiteKeyError",
+    "count_patients",
     "identity_mode",
     "key_path_for",
 ]
@@ -58,6 +59,16 @@ def identity_mode(source: RecordSource) -> str:
     if source.patient_ids is not None:
         return f"{IDENTITY_PATIENT}:{source.patient_column}"
     return IDENTITY_RECORD
+
+
+def count_patients(source: RecordSource) -> int:
+    """How many patients ``source``'s records belong to, as :meth:`SiteKey.records` tells
+    them apart (distinct patient IDs, else distinct records), without the key: what a site
+    declares before round 1 (distributed noise sizes its share by it). The ledger may still
+    merge some (a record that matches several earlier patients), never split them."""
+    if source.patient_ids is not None:
+        return len({_canonical_id(str(p)) for p in source.patient_ids})
+    return len(set(source.row_material()))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

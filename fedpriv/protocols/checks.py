@@ -33,10 +33,13 @@ class Rejected(Exception):
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What the server accepts: the most examples any hospital may claim, and what each
-    hospital declared before round 1 (``declared``; a claim above it is refused)."""
+    hospital declared before round 1 (``declared``; a claim above it is refused), with the
+    patients those examples belong to (``patients``; a hospital missing there holds one
+    record per patient)."""
 
     max_examples: int = 1_000_000
     declared: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    patients: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def check_count(hospital: str, claimed: Any, limits: Limits) -> int:

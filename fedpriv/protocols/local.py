@@ -24,9 +24,10 @@ __all__ = ["LocalFederation"]
 
 
 class LocalFederation:
-    """Hospitals ``nodes`` (Flower node ids) with ``counts`` training examples each, running
-    ``config.protocol`` around the global model ``model``. ``received`` keeps what the
-    server was sent, as it got it."""
+    """Hospitals ``nodes`` (Flower node ids) with ``counts`` training examples each (of
+    ``patients`` patients; one per example when not given), running ``config.protocol``
+    around the global model ``model``. ``received`` keeps what the server was sent, as it
+    got it."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class LocalFederation:
         model: Mapping[str, np.ndarray],
         *,
         counts: Mapping[int, int],
+        patients: Mapping[int, int] | None = None,
         node_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
@@ -47,6 +49,7 @@ class LocalFederation:
             limits=Limits(
                 max_examples=config.max_examples,
                 declared={self.name(n): c for n, c in self.counts.items()},
+                patients={self.name(n): u for n, u in (patients or {}).items()},
             ),
             length=sum(int(np.size(v)) for v in self.model.values()),
             weight_unit=float(max(self.counts.values())),

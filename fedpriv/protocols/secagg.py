@@ -49,7 +49,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedpriv.errors import ConfigError, FedprivError
-from fedpriv.privacy.distributed_noise import NoiseSplit, default_colluders, noise_scale
+from fedpriv.privacy.distributed_noise import (
+    NoiseSplit,
+    default_colluders,
+    noise_scale,
+    usable_size,
+)
 from fedpriv.privacy.masking import (
     KEY_BYTES,
     Quantizer,
@@ -790,7 +795,13 @@ def _client_dp(config: Any) -> tuple[float, float] | None:
 UNBOUNDED_MAX_NORM = 10.0
 
 
-def max_norm(config: Any, *, declared: Mapping[str, int], parameters: int) -> tuple[float, str]:
+def max_norm(
+    config: Any,
+    *,
+    declared: Mapping[str, int],
+    parameters: int,
+    patients: Mapping[str, int] | None = None,
+) -> tuple[float, str]:
     """The largest update norm a hospital may send under secure aggregation without
     client-level DP, and where it comes from.
 
@@ -806,20 +817,23 @@ def max_norm(config: Any, *, declared: Mapping[str, int], parameters: int) -> tu
     - 0 under DP-SGD (the default): the largest honest update any declared hospital can
       produce with the run's settings, with probability 1 - 1e-9 a round
       (:mod:`fedpriv.privacy.update_norm`; ``"derived"``): nobody honest is clipped, and a
-      liar can do no more than an honest hospital could. Hospitals declared with fewer
-      than ``min-patients`` records are left out (they decline every round). A hospital
-      whose own bound is larger (its patients hold several records each, or some were
-      left out for budget) scales its update down to the range, recorded.
+      liar can do no more than an honest hospital could. A hospital trains its declared
+      ``patients`` (one per record when it declared none); hospitals declared with fewer
+      than ``min-patients`` patients, or with counts that cannot be, are left out. A
+      hospital whose own bound is larger (some patients left out for budget, or merged by
+      its ledger) scales its update down to the range, recorded.
     - 0 without DP-SGD: nothing bounds an update; ``UNBOUNDED_MAX_NORM`` (``"fixed"``).
     """
     if config.secagg_max_norm > 0:
         return float(config.secagg_max_norm), "set"
     bounds = []
-    for units in declared.values():
-        if units < config.min_patients:  # declines every round: no say in the range (a liar
+    patients = patients or {}
+    for name, records in declared.items():
+        size = usable_size(records, patients.get(name, records))
+        if size is None or size[1] < config.min_patients:  # no say in the range (a liar
             continue  # claiming a tiny hospital would widen it for everyone)
         try:
-            bound = run_update_bound(config, units=int(units), parameters=parameters)
+            bound = run_update_bound(config, units=size[1], parameters=parameters)
         except ConfigError:  # this hospital cannot train at all; it says why itself
             continue
         if bound is not None:
@@ -848,7 +862,9 @@ def _server(
     if dp is not None:
         limit, source = dp[0], "client-clip-norm"
     else:
-        limit, source = max_norm(config, declared=limits.declared, parameters=length)
+        limit, source = max_norm(
+            config, declared=limits.declared, parameters=length, patients=limits.patients
+        )
     server = SecAggServer(
         limits=limits,
         threshold=config.secagg_threshold,
@@ -856,7 +872,7 @@ def _server(
         max_norm=limit,
         client_dp=dp,
         weight_unit=weight_unit or float(limits.max_examples),
-        noise=(config.noise_colluders, noise_scale(config, limits.declared))
+        noise=(config.noise_colluders, noise_scale(config, limits.declared, limits.patients))
         if config.distributed_noise
         else None,
     )

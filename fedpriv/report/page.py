@@ -132,9 +132,8 @@ def _guarantee(config: Mapping[str, Any], privacy: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _conditional(split: Mapping[str, Any]) -> str:
-    """Distributed noise: the guarantee holds under a collusion assumption; what is left if
-    it fails."""
+def _fallback(split: Mapping[str, Any]) -> tuple[Any, str]:
+    """What is left if distributed noise's assumption fails, and how to read the figure."""
     fallback = split.get("max_fallback_epsilon")
     bound = "&le; "
     if fallback is None:
@@ -142,6 +141,27 @@ def _conditional(split: Mapping[str, Any]) -> str:
         bound = "planned: "
     elif split.get("max_fallback_epsilon_exact"):
         bound = ""
+    return fallback, bound
+
+
+def _conditional_figures(split: Mapping[str, Any], *, stated: bool) -> str:
+    """The privacy section's line on distributed noise: the figures only, the assumption in
+    words being the guarantee's at the top (where it is read first)."""
+    fallback, bound = _fallback(split)
+    text = (
+        f"Distributed noise: the epsilons above are conditional (at most "
+        f"{fmt(split.get('colluders'))} hospitals collude with the server; sums over at least "
+        f"{fmt(split.get('threshold'))} hospitals)"
+    )
+    if fallback is not None:
+        text += f"; if the assumption fails, epsilon {bound}{fmt(fallback, 2)} per patient"
+    return text + (". See <a href='#summary'>the guarantee at the top</a>." if stated else ".")
+
+
+def _conditional(split: Mapping[str, Any]) -> str:
+    """Distributed noise: the guarantee holds under a collusion assumption; what is left if
+    it fails."""
+    fallback, bound = _fallback(split)
     text = (
         "<b>This guarantee is conditional.</b> The hospitals split the training noise "
         "(distributed noise under secure aggregation), so the epsilon above holds only while "
@@ -289,7 +309,8 @@ def _privacy_section(privacy: Mapping[str, Any], rows: Sequence[Mapping[str, Any
     )
     split = privacy.get("distributed_noise")
     if isinstance(split, Mapping):
-        parts.append(f"<p>{_conditional(split)}</p>")
+        stated = any(isinstance(r.get("epsilon"), int | float) for r in hospitals.values())
+        parts.append(f"<p>{_conditional_figures(split, stated=stated)}</p>")
     client = privacy.get("client_level")
     if isinstance(client, Mapping):
         parts.append(

@@ -58,6 +58,9 @@ class RunPlan:
     #: the training examples each hospital declared before round 1 (from the simulation's
     #: split, or a deployment's schema replies): a larger claim is refused
     declared: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: the patients those examples belong to, as each hospital declared them (a hospital
+    #: missing here holds one record per patient): distributed noise sizes its shares by both
+    declared_patients: dict[str, int] = dataclasses.field(default_factory=dict)
     #: a simulation's dataset as the server loaded it, by load key: what its workers take
     #: instead of reading the file again (fedpriv.data.handoff)
     loaded: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
@@ -235,9 +238,7 @@ def prepare_run(
     evaluator = (
         _central_evaluator(config, dataset, split, model_name, model_args) if central else None
     )
-    declared = {
-        h.name: int(h.train.size) + len(split.canaries_of(k)) for k, h in enumerate(split.hospitals)
-    }
+    declared, patients = _simulated_declarations(dataset, split)
     return RunPlan(
         config=config,
         model_name=model_name,
@@ -247,7 +248,24 @@ def prepare_run(
         resume=checkpoint,
         notices=tuple(notices),
         declared=declared,
+        declared_patients=patients,
     )
+
+
+def _simulated_declarations(
+    dataset: Dataset, split: FederatedSplit
+) -> tuple[dict[str, int], dict[str, int]]:
+    """What each simulated hospital would declare before round 1, as a real site does: its
+    training records (canaries included: they train like any record) and their patients."""
+    from fedpriv.privacy.identity import count_patients
+
+    declared, patients = {}, {}
+    for k, hospital in enumerate(split.hospitals):
+        canaries = np.asarray([c.index for c in split.canaries_of(k)], dtype=np.int64)
+        trained = np.concatenate([np.asarray(hospital.train, dtype=np.int64), canaries])
+        declared[hospital.name] = int(trained.size)
+        patients[hospital.name] = count_patients(dataset.source.take(trained))
+    return declared, patients
 
 
 def _normalisation_notices(dataset: Dataset) -> list[str]:
@@ -376,6 +394,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
     shapes: dict[str, tuple[int, ...]] = {}
     deltas: dict[str, float] = {}
     declared: dict[str, int] = {}
+    patients: dict[str, int] = {}
     classes = 0
     errors = []
     for reply in send_and_receive(grid, messages, timeout=plan.config.round_timeout):
@@ -386,8 +405,13 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         shape = tuple(int(d) for d in record[msg.SCHEMA_SHAPE])  # type: ignore[union-attr]
         shapes[hospital_name(reply.content)] = shape
         classes = max(classes, int(record[msg.SCHEMA_CLASSES]))  # type: ignore[arg-type]
+        name = hospital_name(reply.content)
         if msg.SCHEMA_EXAMPLES in record:
-            declared[hospital_name(reply.content)] = int(record[msg.SCHEMA_EXAMPLES])  # type: ignore[arg-type]
+            size = _declared_size(name, record)
+            if size is not None:
+                declared[name] = size[0]
+                if msg.SCHEMA_PATIENTS in record:
+                    patients[name] = size[1]
         if msg.SCHEMA_LEDGER_DELTA in record:
             deltas[hospital_name(reply.content)] = float(record[msg.SCHEMA_LEDGER_DELTA])  # type: ignore[arg-type]
     for error in errors:
@@ -420,8 +444,32 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
     plan.run_dir.write_config(plan.config, model_name=model_name, model_args=model_args)
     logger.info("model %s %s from %d hospitals' schemas", model_name, model_args, len(shapes))
     return dataclasses.replace(
-        plan, model_name=model_name, model_args=model_args, declared=declared
+        plan,
+        model_name=model_name,
+        model_args=model_args,
+        declared=declared,
+        declared_patients=patients,
     )
+
+
+def _declared_size(hospital: str, record: Any) -> tuple[int, int] | None:
+    """A schema reply's declared training records and patients (one per record when it
+    declares none), or None, said in the log, when they cannot be a hospital's: that
+    hospital then has no say in the run's limits and its claims are capped by max-examples,
+    as for one that declared nothing."""
+    from fedpriv.privacy.distributed_noise import usable_size
+
+    examples = record[msg.SCHEMA_EXAMPLES]
+    size = usable_size(examples, record.get(msg.SCHEMA_PATIENTS, examples))
+    if size is None:
+        logger.warning(
+            "%s declared %r training records of %r patients, which cannot be (whole numbers, "
+            "at most one patient per record): it has no say in the run's limits",
+            hospital,
+            examples,
+            record.get(msg.SCHEMA_PATIENTS, "(undeclared)"),
+        )
+    return size
 
 
 def with_feature_statistics(plan: RunPlan, statistics: str) -> RunPlan:

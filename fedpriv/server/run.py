@@ -152,7 +152,9 @@ def serve(
         plan = gather_statistics(grid, plan)
         config = plan.config
     layout = Layout.of(initial_weights(plan.model_name, plan.model_args, config.seed))
-    aggregator = make_server_side(config, layout=layout, declared=plan.declared)
+    aggregator = make_server_side(
+        config, layout=layout, declared=plan.declared, patients=plan.declared_patients
+    )
     strategy = create_strategy(config.strategy, config=config, aggregator=aggregator)
     strategy.summary()
     ledger_view = PrivacyView(plan.run_dir, config, aggregator)
@@ -277,10 +279,16 @@ def serve(
 
 
 def make_server_side(
-    config: RunConfig, *, layout: Layout, declared: Mapping[str, int]
+    config: RunConfig,
+    *,
+    layout: Layout,
+    declared: Mapping[str, int],
+    patients: Mapping[str, int] | None = None,
 ) -> ServerSide:
     """The run's protocol, server side, with the limits it checks every claim against."""
-    limits = Limits(max_examples=config.max_examples, declared=dict(declared))
+    limits = Limits(
+        max_examples=config.max_examples, declared=dict(declared), patients=dict(patients or {})
+    )
     weight_unit = float(max(declared.values())) if declared else float(config.max_examples)
     side = create_protocol(config.protocol).server(
         config, limits=limits, length=layout.size, weight_unit=weight_unit

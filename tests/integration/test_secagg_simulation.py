@@ -219,6 +219,7 @@ def test_distributed_noise_sum_holds_the_full_noise_and_no_more(tmp_path: Path) 
     fallback = privacy["distributed_noise"]["max_fallback_epsilon"]
     page = " ".join(build_report(runs[0].run_dir).read_text().split())
     assert "This guarantee is conditional" in page and "at most 1 hospitals collude" in page
+    assert page.count("This guarantee is conditional") == 1, "stated once, at the top"
     assert f"epsilon &le; {fallback:.2f} per patient for life" in page
 
     a, b = _model(runs[0].run_dir), _model(runs[1].run_dir)
@@ -230,3 +231,43 @@ def test_distributed_noise_sum_holds_the_full_noise_and_no_more(tmp_path: Path) 
     assert low < chi2 < high, (chi2, difference.size)
     # each hospital adding all of its noise (twice the variance) is far outside
     assert not low < chi2 / 2 < high
+
+
+@pytest.mark.slow  # `make test-slow`: one simulation (about 35 s here)
+def test_distributed_noise_trains_when_patients_hold_several_records(tmp_path: Path) -> None:
+    """Patients with one to four visits each, named in a patient column. The shares used to
+    be sized for one record per patient, and every hospital declined round 1; sized from
+    the records and patients each hospital declares, all train, the run's rho is the
+    largest a_i sigma_i, and each hospital's epsilon is dp-accounting's for its events."""
+    from tests.reference_dp import google_epsilon
+    from tests.unit.test_distributed_noise import _visits
+
+    config = RunConfig.from_mapping(
+        {
+            "dataset": str(_visits(tmp_path / "visits.csv")),
+            "patient-column": "patient",
+            "hospitals": 4,
+            "rounds": 1,
+            "seed": 5,
+            "strategy": "fedsgd",
+            "aggregation": "secagg",
+            "distributed-noise": True,
+            "out": str(tmp_path),
+            "run-name": "visits",
+            "ledger-dir": str(tmp_path / "ledgers"),
+        }
+    )
+    result = fedpriv.simulate(config)
+    assert result.last_round == 1 and len(result.rows) == 1, "declined: no round"
+    (row,) = result.rows
+    assert row["declined"] == {} and row["aggregation"]["survivors"] == 4
+    privacy = json.loads((result.run_dir / "privacy.json").read_text())
+    needs = []
+    for name, report in privacy["hospitals"].items():
+        examples = int(row["hospitals"][name]["train_examples"])
+        assert report["patients"] < examples, "several records per patient"
+        a = examples / max(1.0, report["patients"] * report["sample_rate"])
+        needs.append(a * report["noise_multiplier"])
+        assert report["epsilon"] == pytest.approx(google_epsilon(report["events"], 1e-5), rel=0.03)
+    scales = {r["distributed_noise"]["scale"] for r in privacy["hospitals"].values()}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(max(needs), rel=1e-9)

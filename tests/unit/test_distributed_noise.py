@@ -17,8 +17,14 @@ from fedpriv import messages as msg
 from fedpriv.client.hospital import PrivacyState, local_data, train_round
 from fedpriv.config import RunConfig
 from fedpriv.errors import ConfigError, FedprivError
-from fedpriv.privacy.accounting import DpEvent, compose_epsilon, plan_dp
-from fedpriv.privacy.distributed_noise import NoiseSplit, default_colluders, sum_scale
+from fedpriv.privacy.accounting import DpEvent, compose_epsilon, plan_dp, plan_for_run
+from fedpriv.privacy.distributed_noise import (
+    NoiseSplit,
+    default_colluders,
+    noise_scale,
+    sum_scale,
+    usable_size,
+)
 from fedpriv.protocols.base import Update
 from fedpriv.protocols.plain import PlainHospital
 from fedpriv.server.run import initial_weights
@@ -310,3 +316,313 @@ def test_the_progress_bar_marks_a_conditional_epsilon() -> None:
     split = RunConfig.from_mapping({**ON, "hospitals": 4, "rounds": 2})
     assert _round_status(row, split).endswith("ε ≤ 2.25 (conditional)")
     assert _round_status(row, RunConfig()).endswith("ε ≤ 2.25")
+
+
+# ---- patients with several records each --------------------------------------------------
+
+
+def _visits(path: Path, patients: int = 150, seed: int = 3) -> Path:
+    """A table where each patient holds one to four records (visits), named in a patient
+    column: the label is the patient's, the features vary a little between visits."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        base = rng.normal(size=4)
+        label = int(base[0] + base[1] > 0)
+        for _ in range(int(rng.integers(1, 5))):
+            values = base + 0.3 * rng.normal(size=4)
+            rows.append(f"p{p}," + ",".join(f"{v:.4f}" for v in values) + f",{label}")
+    path.write_text("patient,a,b,c,d,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _by_hand(config: RunConfig, records: int, patients: int) -> float:
+    """``a_i sigma_i`` written out: the hospital's own plan for its patients, and its
+    examples over its expected batch of patients (Opacus's divisor)."""
+    plan = plan_for_run(config, patients, one_step_per_round=True)
+    assert plan.sample_rate == 1 / math.ceil(patients / config.batch_size)  # Opacus's
+    return records / max(1.0, patients * plan.sample_rate) * plan.noise_multiplier
+
+
+@pytest.mark.parametrize("batch_size", [16, 128])  # q < 1 at most hospitals; q = 1 at all
+def test_rho_is_the_largest_share_any_declared_hospital_needs(batch_size: int) -> None:
+    config = RunConfig.from_mapping(
+        {**ON, "hospitals": 5, "rounds": 3, "batch-size": batch_size, "accountant": "rdp"}
+    )
+    records = {"h0": 40, "h1": 90, "h2": 90, "h3": 200, "h4": 30}
+    patients = {"h0": 40, "h1": 30, "h2": 90, "h3": 50, "h4": 12}
+    expected = max(_by_hand(config, records[h], patients[h]) for h in records)
+    assert noise_scale(config, records, patients) == pytest.approx(expected, rel=1e-12)
+    # an old declaration (no patient count) is one record per patient: rho was sigma / q
+    alone = {h: (records[h], records[h]) for h in records}
+    assert noise_scale(config, records) == pytest.approx(
+        max(_by_hand(config, n, u) for n, u in alone.values()), rel=1e-12
+    )
+    # several records per patient need more than one record each: the old rho fell short
+    assert noise_scale(config, records, patients) > noise_scale(config, records)
+
+
+def test_the_secagg_range_is_sized_for_the_declared_patients() -> None:
+    """The same declarations size secure aggregation's range R: the largest honest update
+    of a hospital training its declared patients (DP-SGD samples and clips patients)."""
+    from fedpriv.privacy.update_norm import run_update_bound
+    from fedpriv.protocols.secagg import max_norm
+
+    config = RunConfig.from_mapping({"aggregation": "secagg", "hospitals": 3, "accountant": "rdp"})
+    records = {"h0": 120, "h1": 300, "h2": 90, "h3": 50}
+    patients = {"h0": 40, "h1": 150, "h2": 90, "h3": 51}  # h3's cannot be: no say
+    size = 1_000
+
+    def bound(units: int) -> float:
+        value = run_update_bound(config, units=units, parameters=size)
+        assert value is not None
+        return value.total
+
+    expected = max(bound(patients[h]) for h in ("h0", "h1", "h2"))
+    assert max_norm(config, declared=records, parameters=size, patients=patients) == (
+        pytest.approx(expected, rel=1e-12),
+        "derived",
+    )
+    # without patient counts: one record per patient, as before (a different range)
+    per_record = max(bound(n) for n in records.values())
+    assert max_norm(config, declared=records, parameters=size)[0] == pytest.approx(
+        per_record, rel=1e-12
+    )
+    assert abs(per_record - expected) > 0.05 * expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [-1, 201, 2.5, True, "50", None, float("nan"), 0],  # 0 patients of 200 records
+)
+def test_a_declaration_that_cannot_be_a_hospitals_has_no_say(bad: Any) -> None:
+    config = RunConfig.from_mapping({**ON, "hospitals": 3, "rounds": 3, "accountant": "rdp"})
+    records = {"h0": 40, "h1": 200}
+    honest = noise_scale(config, {"h0": 40}, {"h0": 40})
+    assert noise_scale(config, records, {"h0": 40, "h1": bad}) == honest
+    assert usable_size(200, bad) is None
+    # too few patients to train (min-patients): no say either (a liar would raise everyone's
+    # noise); with no usable declaration at all, one clear error
+    assert noise_scale(config, records, {"h0": 40, "h1": config.min_patients - 1}) == honest
+    with pytest.raises(FedprivError, match="no hospital declared enough training patients"):
+        noise_scale(config, {"h1": 200}, {"h1": bad})
+
+
+def _federation(tmp_path: Path, rounds: int = 1) -> tuple[Any, Any]:
+    from fedpriv.server.prepare import prepare_run
+
+    config = RunConfig.from_mapping(
+        {
+            **ON,
+            "dataset": str(_visits(tmp_path / "visits.csv")),
+            "patient-column": "patient",
+            "hospitals": 3,
+            "rounds": rounds,
+            "seed": 5,
+            "out": str(tmp_path / "runs"),
+            "run-name": "visits",
+        }
+    )
+    return config, prepare_run(config, central=False)
+
+
+def _step(
+    tmp_path: Path, config: RunConfig, hospital: int, split: NoiseSplit, ledger: str
+) -> tuple[Any, Any]:
+    """Round 1 of one simulated hospital under ``split``, on its own ledger."""
+    data = local_data(config, {"partition-id": hospital})
+    args = {"in_features": 4, "num_classes": 2}
+    record = msg.order_record(config, model_name="mlp", model_args=args, mode=msg.MODE_GRADIENT)
+    record[msg.SERVER_ROUND] = 1
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_weights("mlp", args, 0).items()})
+    privacy = PrivacyState(ledger_path=tmp_path / f"{ledger}-{hospital}.sqlite", budget_epsilon=10)
+    side = _Capture(split)
+    return train_round(msg.parse_order(record), data, arrays, privacy=privacy, side=side), data
+
+
+def test_hospitals_whose_patients_hold_several_records_train_under_distributed_noise(
+    tmp_path: Path,
+) -> None:
+    """Each hospital's counts as the simulation declares them (the same a site sends with
+    its schema), rho from them, then each hospital's real DP-SGD step: none declines, each
+    adds rho / (a_i sqrt(t - c)), and its recorded epsilon is dp-accounting's for its full
+    sigma. Sized as before (one record per patient) every hospital declined."""
+    config, plan = _federation(tmp_path)
+    config = plan.config
+    assert set(plan.declared) == set(plan.declared_patients) and len(plan.declared) == 3
+    rho = noise_scale(config, plan.declared, plan.declared_patients)
+    split = NoiseSplit(threshold=3, colluders=1, scale=rho)  # t - c = 2 honest shares
+    old = NoiseSplit(threshold=3, colluders=1, scale=noise_scale(config, plan.declared))
+    needs = []
+    for k in range(3):
+        result, data = _step(tmp_path, config, k, split, "new")
+        # the declaration is the hospital's own count: its records, its distinct patients
+        assert plan.declared[data.name] == data.train_labels.size
+        patients = len({str(p) for p in data.train_records.patient_ids})
+        assert plan.declared_patients[data.name] == patients < data.train_labels.size
+        assert not result.declined, result.declined
+        report = result.privacy
+        a = data.train_labels.size / max(1.0, patients * report["sample_rate"])
+        needs.append(a * report["noise_multiplier"])
+        added = report["distributed_noise"]["added_noise_multiplier"]
+        assert added == pytest.approx(rho / (a * math.sqrt(2)))
+        assert report["epsilon"] == pytest.approx(
+            google_epsilon(report["events"], config.delta), rel=0.03
+        )
+        assert report["events"] == [
+            {"noise_multiplier": report["noise_multiplier"], "sample_rate": 1.0, "steps": 1}
+        ]
+        refused, _ = _step(tmp_path, config, k, old, "old")
+        assert "declines the round" in refused.declined
+    assert rho == pytest.approx(max(needs), rel=1e-12)
+
+
+def test_a_hospital_that_declares_more_patients_than_it_has_declines(tmp_path: Path) -> None:
+    """A liar must not leave its own patients under-protected: declaring more patients (or
+    fewer records) than it holds makes its share look smaller, and its own check, on what it
+    really holds, declines. Declaring fewer patients only raises everyone's noise."""
+    config, plan = _federation(tmp_path)
+    config = plan.config
+    needs = {
+        h: _by_hand(config, plan.declared[h], plan.declared_patients[h]) for h in plan.declared
+    }
+    liar = max(needs, key=needs.__getitem__)  # so that rho is its declaration's to set
+    k = list(plan.declared).index(liar)  # the split's order
+    records, patients = plan.declared[liar], plan.declared_patients[liar]
+    lies = {
+        "one record per patient": (records, records),
+        "fewer records": (patients + 1, patients),
+    }
+    for what, (said_records, said_patients) in lies.items():
+        assert (said_records, said_patients) != (records, patients)
+        assert said_records <= records and said_patients >= patients
+        rho = noise_scale(
+            config,
+            {**plan.declared, liar: said_records},
+            {**plan.declared_patients, liar: said_patients},
+        )
+        assert rho < needs[liar], what
+        split = NoiseSplit(threshold=3, colluders=1, scale=rho)
+        result, data = _step(tmp_path, config, k, split, what.replace(" ", "-"))
+        assert data.name == liar
+        assert "declines the round" in result.declined, (what, result.declined)
+    modest = dict(plan.declared_patients, **{liar: config.min_patients})
+    assert noise_scale(config, plan.declared, modest) > max(needs.values())
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_sites_declare_their_patients_with_their_schema(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deployment: each site's schema reply carries its training records and their patients
+    (its patient column; distinct records without one), the server keeps both. A reply
+    whose counts cannot be a hospital's is logged and gives it no say; a site that sends no
+    patient count (an older one) holds one record per patient."""
+    from flwr.app import Message
+
+    from fedpriv.client.site import check_site
+    from fedpriv.privacy.identity import SiteKey
+    from fedpriv.server.prepare import _prepare_deployment, resolve_model_from_hospitals
+    from tests.unit.test_site_policy import InProcessGrid
+
+    sites: dict[int, dict[str, Any]] = {}
+    for node, name in ((1, "st-mary"), (2, "county"), (3, "old"), (4, "odd")):
+        site = {
+            "hospital-name": name,
+            "data-path": str(_visits(tmp_path / f"{name}.csv", patients=40, seed=node)),
+            "patient-column": "patient",
+            "ledger-path": str(tmp_path / f"{name}.sqlite"),
+        }
+        check_site(site)
+        sites[node] = site
+    # no patient column, and records that repeat: a patient per distinct record, as its
+    # ledger counts them
+    plain = {
+        "hospital-name": "plain",
+        "data-path": str(tmp_path / "plain.csv"),
+        "ledger-path": str(tmp_path / "plain.sqlite"),
+    }
+    (tmp_path / "plain.csv").write_text(
+        "a,b,c,d,label\n" + "".join(f"{i % 7},{i % 5},1,2,{i % 2}\n" for i in range(80))
+    )
+    check_site(plain)
+    sites[5] = plain
+
+    class Tampered(InProcessGrid):
+        """Site "old" sends no patient count; site "odd" more patients than records."""
+
+        def send_and_receive(self, messages: Any, timeout: float) -> list[Message]:
+            replies = super().send_and_receive(messages, timeout)
+            for reply in replies:
+                schema = reply.content.config_records[msg.SCHEMA]
+                name = str(reply.content.config_records[msg.HOSPITAL][msg.HOSPITAL_NAME])
+                if name == "old":
+                    del schema[msg.SCHEMA_PATIENTS]
+                elif name == "odd":
+                    schema[msg.SCHEMA_PATIENTS] = int(schema[msg.SCHEMA_EXAMPLES]) + 1
+            return replies
+
+    config = RunConfig(deployment=True, out=str(tmp_path / "runs"), run_name="sites")
+    plan = _prepare_deployment(config, resume_dir=None)
+    resolved = resolve_model_from_hospitals(Tampered(sites), plan)  # type: ignore[arg-type]
+    key = SiteKey.create(tmp_path / "any.key")
+    for node in (1, 2, 3, 5):
+        data = local_data(config, sites[node])
+        records = data.train_records
+        assert records is not None
+        assert resolved.declared[data.name] == data.train_labels.size
+        # what its ledger will count: the distinct keyed identities of its records
+        keyed = key.records(records).keys
+        if node == 5:  # no patient column: its distinct records, fewer than its rows
+            distinct = len(set(records.row_material()))
+            assert resolved.declared_patients[data.name] == distinct < data.train_labels.size
+            assert distinct == np.unique(keyed).size
+        elif node == 3:
+            assert data.name not in resolved.declared_patients
+        else:
+            assert records.patient_ids is not None
+            patients = len({str(p) for p in records.patient_ids})
+            assert resolved.declared_patients[data.name] == patients < data.train_labels.size
+            assert patients == np.unique(keyed).size
+    assert "odd" not in resolved.declared and "odd" not in resolved.declared_patients
+    assert "odd declared" in caplog.text and "it has no say" in caplog.text
+
+
+def test_the_report_states_the_condition_once_and_the_figures_where_the_spend_is(
+    tmp_path: Path,
+) -> None:
+    """report.html: the assumption in words with the guarantee at the top (once); the
+    privacy section repeats only its figures and points there."""
+    import json
+
+    from fedpriv.report import build_report
+
+    config = RunConfig.from_mapping({**ON, "hospitals": 4, "rounds": 1}).to_mapping()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model": "mlp"}))
+    (tmp_path / "metrics.jsonl").write_text("")
+    report = {"epsilon": 3.5, "epsilon_exact": True, "budget_epsilon": 10.0, "delta": 1e-5}
+    (tmp_path / "privacy.json").write_text(
+        json.dumps(
+            {
+                "dp": True,
+                "max_epsilon": 3.5,
+                "max_epsilon_exact": True,
+                "delta": 1e-5,
+                "hospitals": {"hospital-0": report},
+                "distributed_noise": {
+                    "colluders": 1,
+                    "threshold": 3,
+                    "max_fallback_epsilon": 9.25,
+                    "max_fallback_epsilon_exact": False,
+                },
+            }
+        )
+    )
+    page = " ".join(build_report(tmp_path).read_text().split())
+    assert page.count("This guarantee is conditional") == 1
+    assert page.count("epsilon &le; 9.25 per patient") == 2  # the guarantee, the figures
+    summary = page[page.index("<p id='summary'>") : page.index("<section id='results'>")]
+    assert "This guarantee is conditional" in summary and "at most 1 hospitals collude" in summary
+    privacy = page[page.index("<section id='privacy'>") :]
+    assert "the epsilons above are conditional (at most 1 hospitals collude" in privacy
+    assert "sums over at least 3 hospitals" in privacy and "href='#summary'" in privacy
