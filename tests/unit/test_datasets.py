@@ -250,3 +250,93 @@ def test_a_bad_or_missing_cell_is_named_by_line_and_column(tmp_path: Path, quote
     _write(path, [*names, "label"], table, quoted=quoted)
     with pytest.raises(DataError, match=r"line 22: column 'b' holds 'x7', not a number;"):
         load_raw(str(path))
+
+
+def test_the_one_pass_parse_reads_a_cell_as_float_does_or_leaves_it() -> None:
+    """The plain table's one-pass parse (numpy's, in C) against float() on every cell of up
+    to five characters from the characters it takes, and of up to four with whitespace,
+    underscores and letters besides: it reads the cell to float()'s very value, or it
+    gives the table back (None) to be read cell by cell; and it takes every cell of its
+    characters that float() reads."""
+    import itertools
+
+    from fedpriv.data.datasets import _NUMBER_BYTES, _numbers
+
+    def cells(alphabet: str, longest: int) -> list[str]:
+        return [
+            "".join(chars)
+            for n in range(1, longest + 1)
+            for chars in itertools.product(alphabet, repeat=n)
+        ]
+
+    taken = 0
+    for cell in cells("05.eE+-", 5) + cells("1.e-_ \tnaifx", 4):
+        parsed = _numbers([cell], 1)
+        try:
+            want = float(cell)
+        except ValueError:
+            assert parsed is None, cell
+            continue
+        if parsed is None:
+            assert not set(cell) <= set(_NUMBER_BYTES.decode()), cell
+            continue
+        assert parsed.shape == (1, 1) and parsed.tobytes() == np.float64(want).tobytes(), cell
+        taken += 1
+    assert taken > 800  # the numbers among the cells of its characters (862)
+
+
+def test_an_all_number_table_is_parsed_in_one_pass_as_float_reads_it(tmp_path: Path) -> None:
+    """A file of numbers only (signs, exponents, long mantissas, below float64's range;
+    none near its top: the file's own standardisation sums each column) goes the one-pass
+    way, and its features are float()'s bit for bit; a cell out of range, or one that is
+    no number, is named as the cell-by-cell way names it; the label keeps its text."""
+    from fedpriv.data.datasets import _cells, _split_plain, _table, load_raw
+
+    rng = np.random.default_rng(16)
+    digits = rng.integers(0, 25, size=600)
+    mantissas = [f"{x:.{d}f}" for x, d in zip(rng.normal(size=600), digits, strict=True)]
+    exponents = rng.integers(-330, 150, size=600)
+    pool = [
+        *(m if e % 3 else f"{m}e{e}" for m, e in zip(mantissas, exponents, strict=True)),
+        *("-0", "+0", "+.5", "5.", "1E+3", "-2e-1", "1e-400", "4.9e-324", "2.4e-324"),
+        *("123456789012345678901234567890", "0." + "1" * 300, "0" * 50 + "7", "-9"),
+    ]
+    table = [[pool[i] for i in row] for row in rng.integers(len(pool), size=(500, 4))]
+    for row in table:
+        row.append(("0", "1", "10")[int(rng.integers(3))])
+    names = ["a", "b", "c", "d", "label"]
+    text = ",".join(names) + "\n" + "".join(",".join(row) + "\n" for row in table)
+    _, columns, count, numbers = _table(text)
+    assert numbers is not None and numbers.shape == (500, 5) and count == 500
+    assert [columns[i] for i in range(5)] == _split_plain(text.split("\n")[1:-1], 5)
+    for ends_empty in ("a,label\n1,0\n2,\n", "a,label\n1,0\n2,"):  # numpy drops a last ","
+        assert _table(ends_empty) == (*_cells(ends_empty), None)
+    path = tmp_path / "numbers.csv"
+    path.write_text(text)
+    data = load_raw(str(path))
+    expected = np.array([[float(cell) for cell in row[:4]] for row in table], dtype=np.float64)
+    assert data.raw_features is not None and data.raw_features.tobytes() == expected.tobytes()
+    assert data.class_names == ("0", "1", "10")
+    assert data.labels.tolist() == [("0", "1", "10").index(row[4]) for row in table]
+    bad_cells = [("1e400", "a finite number"), ("-1e999", "a finite number")]
+    bad_cells += [(cell, "a number") for cell in ("1e", "", "-", "1.2.3", "+-1")]
+    for n, (cell, what) in enumerate(bad_cells):
+        r, c = int(rng.integers(500)), int(rng.integers(4))
+        bad = [row.copy() for row in table]
+        bad[r][c] = cell
+        path = tmp_path / f"bad{n}.csv"
+        path.write_text(",".join(names) + "\n" + "".join(",".join(row) + "\n" for row in bad))
+        with pytest.raises(DataError) as caught:
+            load_raw(str(path))
+        assert str(caught.value).startswith(
+            f"'{path}' line {r + 2}: column '{names[c]}' holds {cell!r}, not {what};"
+        ), (cell, str(caught.value))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 6])
+def test_a_column_split_from_its_lines_is_the_split_tables(width: int) -> None:
+    from fedpriv.data.datasets import _LineColumns, _split_plain
+
+    lines = [",".join(f"{r}.{i}" if (r + i) % 4 else "" for i in range(width)) for r in range(9)]
+    by_line = _LineColumns(lines, width)
+    assert [by_line[i] for i in range(width)] == _split_plain(lines, width)
