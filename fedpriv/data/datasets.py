@@ -755,10 +755,12 @@ def _numbers(lines: list[str], width: int) -> np.ndarray | None:
     """A plain table's cells as float64 (records x columns), all parsed in one pass in C,
     when every cell is written with :data:`_NUMBER_BYTES` only and is a number; else None.
 
-    What float() per cell makes of them, without a Python string and float per cell: on a
-    200,000-row file of 21 columns, 2.4 s of CPU against 4.6 s here (BENCHMARKS.md)."""
+    What float() per cell makes of them, without a Python string and a float per cell: on
+    a 200,000-row file of 21 columns, 2.3-2.6 s of CPU against 3.9-4.0 s (BENCHMARKS.md)."""
+    if not _only_number_bytes(lines[0]):  # a column of text: known from the first record
+        return None
     flat = ",".join(lines)
-    if not flat.isascii() or flat.encode("ascii").translate(None, _NUMBER_BYTES + b","):
+    if not _only_number_bytes(flat):
         return None
     with warnings.catch_warnings():
         # where a cell is no number, numpy 2.4 raises; older versions warn and stop there
@@ -770,6 +772,10 @@ def _numbers(lines: list[str], width: int) -> np.ndarray | None:
     if values.size != len(lines) * width:  # a cell that is no number ("", "1e", "-")
         return None
     return values.reshape(len(lines), width)
+
+
+def _only_number_bytes(text: str) -> bool:
+    return text.isascii() and not text.encode("ascii").translate(None, _NUMBER_BYTES + b",")
 
 
 class _LineColumns:
