@@ -756,7 +756,7 @@ def _numbers(lines: list[str], width: int) -> np.ndarray | None:
     when every cell is written with :data:`_NUMBER_BYTES` only and is a number; else None.
 
     What float() per cell makes of them, without a Python string and a float per cell: on
-    a 200,000-row file of 21 columns, 2.3-2.6 s of CPU against 3.9-4.0 s (BENCHMARKS.md)."""
+    a 200,000-row file of 21 columns, 2.0-2.7 s of CPU against 3.6-4.1 s (BENCHMARKS.md)."""
     if not _only_number_bytes(lines[0]):  # a column of text: known from the first record
         return None
     flat = ",".join(lines)
