@@ -174,3 +174,169 @@ def test_the_quick_split_reads_what_csv_reader_reads(text: str) -> None:
     else:
         assert count == len(records)
         assert columns == [[row[i] for row in records] for i in range(len(header))]
+
+
+# Cells Python's float() reads, some in ways a faster parser might not: whitespace
+# (Unicode's too), signs, exponents, underscores between digits, digits of other scripts,
+# very long numbers, and numbers beyond float64's range on the small side. (None near its
+# large end: the file's own standardisation sums each column.)
+_AWKWARD_NUMBERS = (
+    *("0", "-0", "+0", "1.5", " 1.5 ", "\t2", "3\t", "\xa07", "+.5", "-.25", "5.", "00012"),
+    *("1e3", "-2E-1", "1E+3", "1e-400", "4.9e-324", "-2.5e-324", "1e22", "1_000"),
+    *("1_0.2_5", "\u0661\u0662", "\uff11", "0." + "1" * 400, "0" * 300 + "1", "9" * 30),
+    *("0.1256999969482422", "-0.13210000097751617", "123456789012345678901234567890"),
+)
+# Cells float() refuses ("not a number") or reads as nan or inf ("not a finite number").
+_NOT_NUMBERS = ("", " ", "x7", "1e", "1.2.3", "+-1", "0x10", "1d3", "1__0", "_1", "1_", "1\x00")
+_NOT_FINITE = ("nan", "NaN", "-nan", "inf", "-Inf", "infinity", "1e400", "-1e400", "9" * 400)
+
+
+def _awkward_table(rng: np.random.Generator, rows: int, columns: int) -> list[list[str]]:
+    picks = rng.integers(len(_AWKWARD_NUMBERS), size=(rows, columns))
+    return [[_AWKWARD_NUMBERS[i] for i in row] for row in picks]
+
+
+def _write(path: Path, names: list[str], table: list[list[str]], *, quoted: bool) -> None:
+    def field(cell: str) -> str:
+        return '"' + cell + '"' if quoted else cell
+
+    lines = [",".join(names)] + [
+        ",".join(map(field, row)) + f",{r % 2}" for r, row in enumerate(table)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain split", "csv.reader"])
+def test_every_numeric_cell_is_what_float_makes_of_it(tmp_path: Path, quoted: bool) -> None:
+    """A table of awkward cells, read by either of the CSV's two splits: the features are,
+    bit for bit (-0.0 too), what Python's float() makes of each cell; the reference any
+    faster parser of the columns must match."""
+    from fedpriv.data.datasets import load_raw
+
+    rng = np.random.default_rng(14)
+    table = _awkward_table(rng, rows=400, columns=5)
+    names = [f"c{i}" for i in range(5)]
+    path = tmp_path / "awkward.csv"
+    _write(path, [*names, "label"], table, quoted=quoted)
+    data = load_raw(str(path))
+    expected = np.array([[float(cell) for cell in row] for row in table], dtype=np.float64)
+    assert data.raw_features is not None and data.raw_features.tobytes() == expected.tobytes()
+    assert data.feature_names == tuple(names)
+
+
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain split", "csv.reader"])
+def test_a_bad_or_missing_cell_is_named_by_line_and_column(tmp_path: Path, quoted: bool) -> None:
+    """Each cell float() refuses, or reads as nan or inf, put in a table of awkward numbers:
+    one line naming the cell's line, column and text; in a column holding both kinds, the
+    cell float() refuses is the one named, wherever the missing one is."""
+    from fedpriv.data.datasets import load_raw
+
+    rng = np.random.default_rng(15)
+    names = ["a", "b", "c"]
+    for n, cell in enumerate((*_NOT_NUMBERS, *_NOT_FINITE)):
+        table = _awkward_table(rng, rows=30, columns=3)
+        r, c = int(rng.integers(30)), int(rng.integers(3))
+        table[r][c] = cell
+        path = tmp_path / f"bad{n}.csv"
+        _write(path, [*names, "label"], table, quoted=quoted)
+        what = "a number" if cell in _NOT_NUMBERS else "a finite number"
+        with pytest.raises(DataError) as caught:
+            load_raw(str(path))
+        assert str(caught.value).startswith(
+            f"'{path}' line {r + 2}: column '{names[c]}' holds {cell!r}, not {what};"
+        ), (cell, str(caught.value))
+    table = _awkward_table(rng, rows=30, columns=3)
+    table[3][1], table[20][1] = "nan", "x7"
+    _write(path, [*names, "label"], table, quoted=quoted)
+    with pytest.raises(DataError, match=r"line 22: column 'b' holds 'x7', not a number;"):
+        load_raw(str(path))
+
+
+def test_the_one_pass_parse_reads_a_cell_as_float_does_or_leaves_it() -> None:
+    """The plain table's one-pass parse (numpy's, in C) against float() on every cell of up
+    to five characters from the characters it takes, and of up to four with whitespace,
+    underscores and letters besides: it reads the cell to float()'s very value, or it
+    gives the table back (None) to be read cell by cell; and it takes every cell of its
+    characters that float() reads."""
+    import itertools
+
+    from fedpriv.data.datasets import _NUMBER_BYTES, _numbers
+
+    def cells(alphabet: str, longest: int) -> list[str]:
+        return [
+            "".join(chars)
+            for n in range(1, longest + 1)
+            for chars in itertools.product(alphabet, repeat=n)
+        ]
+
+    taken = 0
+    for cell in cells("05.eE+-", 5) + cells("1.e-_ \tnaifx", 4):
+        parsed = _numbers([cell], 1)
+        try:
+            want = float(cell)
+        except ValueError:
+            assert parsed is None, cell
+            continue
+        if parsed is None:
+            assert not set(cell) <= set(_NUMBER_BYTES.decode()), cell
+            continue
+        assert parsed.shape == (1, 1) and parsed.tobytes() == np.float64(want).tobytes(), cell
+        taken += 1
+    assert taken > 800  # the numbers among the cells of its characters (862)
+
+
+def test_an_all_number_table_is_parsed_in_one_pass_as_float_reads_it(tmp_path: Path) -> None:
+    """A file of numbers only (signs, exponents, long mantissas, below float64's range;
+    none near its top: the file's own standardisation sums each column) goes the one-pass
+    way, and its features are float()'s bit for bit; a cell out of range, or one that is
+    no number, is named as the cell-by-cell way names it; the label keeps its text."""
+    from fedpriv.data.datasets import _cells, _split_plain, _table, load_raw
+
+    rng = np.random.default_rng(16)
+    digits = rng.integers(0, 25, size=600)
+    mantissas = [f"{x:.{d}f}" for x, d in zip(rng.normal(size=600), digits, strict=True)]
+    exponents = rng.integers(-330, 150, size=600)
+    pool = [
+        *(m if e % 3 else f"{m}e{e}" for m, e in zip(mantissas, exponents, strict=True)),
+        *("-0", "+0", "+.5", "5.", "1E+3", "-2e-1", "1e-400", "4.9e-324", "2.4e-324"),
+        *("123456789012345678901234567890", "0." + "1" * 300, "0" * 50 + "7", "-9"),
+    ]
+    table = [[pool[i] for i in row] for row in rng.integers(len(pool), size=(500, 4))]
+    for row in table:
+        row.append(("0", "1", "10")[int(rng.integers(3))])
+    names = ["a", "b", "c", "d", "label"]
+    text = ",".join(names) + "\n" + "".join(",".join(row) + "\n" for row in table)
+    _, columns, count, numbers = _table(text)
+    assert numbers is not None and numbers.shape == (500, 5) and count == 500
+    assert [columns[i] for i in range(5)] == _split_plain(text.split("\n")[1:-1], 5)
+    for ends_empty in ("a,label\n1,0\n2,\n", "a,label\n1,0\n2,"):  # numpy drops a last ","
+        assert _table(ends_empty) == (*_cells(ends_empty), None)
+    path = tmp_path / "numbers.csv"
+    path.write_text(text)
+    data = load_raw(str(path))
+    expected = np.array([[float(cell) for cell in row[:4]] for row in table], dtype=np.float64)
+    assert data.raw_features is not None and data.raw_features.tobytes() == expected.tobytes()
+    assert data.class_names == ("0", "1", "10")
+    assert data.labels.tolist() == [("0", "1", "10").index(row[4]) for row in table]
+    bad_cells = [("1e400", "a finite number"), ("-1e999", "a finite number")]
+    bad_cells += [(cell, "a number") for cell in ("1e", "", "-", "1.2.3", "+-1")]
+    for n, (cell, what) in enumerate(bad_cells):
+        r, c = int(rng.integers(500)), int(rng.integers(4))
+        bad = [row.copy() for row in table]
+        bad[r][c] = cell
+        path = tmp_path / f"bad{n}.csv"
+        path.write_text(",".join(names) + "\n" + "".join(",".join(row) + "\n" for row in bad))
+        with pytest.raises(DataError) as caught:
+            load_raw(str(path))
+        assert str(caught.value).startswith(
+            f"'{path}' line {r + 2}: column '{names[c]}' holds {cell!r}, not {what};"
+        ), (cell, str(caught.value))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 6])
+def test_a_column_split_from_its_lines_is_the_split_tables(width: int) -> None:
+    from fedpriv.data.datasets import _LineColumns, _split_plain
+
+    lines = [",".join(f"{r}.{i}" if (r + i) % 4 else "" for i in range(width)) for r in range(9)]
+    by_line = _LineColumns(lines, width)
+    assert [by_line[i] for i in range(width)] == _split_plain(lines, width)
