@@ -643,7 +643,9 @@ def _load_csv(
                 f"'{path}' line {r + 2}: column '{header[i]}' holds {columns[i][r]!r}, not a "
                 "finite number; fill in or remove missing values first"
             )
-    classes = sorted(set(raw_labels), key=_natural_key)
+    # ties under the natural order ("1" and "1.0") by their text: a set's order follows the
+    # hash seed, and every process must give a class the same index
+    classes = sorted(set(raw_labels), key=lambda v: (*_natural_key(v), v))
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[v] for v in raw_labels], dtype=np.int64)
     sites = np.array(raw_sites) if site_idx is not None else None

@@ -88,6 +88,32 @@ def test_csv_with_label_and_site(tmp_path: Path) -> None:
     assert data.feature_names == ("age", "bp")  # the label and site columns are not features
 
 
+def test_label_codes_are_the_same_in_every_process(tmp_path: Path) -> None:
+    """ "1" and "1.0" tie in the natural order; the class order must not follow the hash seed
+    (set iteration), or two processes would map the same label to different indices."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "labels.csv"
+    path.write_text("age,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(["1.0", "0", "1"])))
+    script = (
+        "import sys; from fedpriv.data import load_dataset; "
+        f"print(load_dataset({str(path)!r}).labels.tolist())"
+    )
+    seen = set()
+    for seed in ("1", "2", "3", "4", "5", "6"):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-1000:]
+        seen.add(done.stdout.strip())
+    assert seen == {"[2, 0, 1]"}  # 0 < "1" < "1.0": equal values, then by text
+
+
 def test_csv_without_label_column(tmp_path: Path) -> None:
     path = tmp_path / "nolabel.csv"
     path.write_text("age,bp\n50,120\n")
