@@ -488,8 +488,16 @@ def _digits() -> Dataset:
 def _standardize(features: np.ndarray) -> np.ndarray:
     # Per-file scaling (normalisation "file", or a file without a schema): a feature's value
     # then means something different at each site; warned wherever it is used.
-    mean = features.mean(axis=0)
-    std = features.std(axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = features.mean(axis=0)
+        std = features.std(axis=0)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        # values near the float limit (1e308): their sum overflowed. Each column divided by
+        # its largest magnitude first gives the same standardised values
+        scale = np.abs(features).max(axis=0)
+        features = features / np.where(scale > 0, scale, 1.0)
+        mean = features.mean(axis=0)
+        std = features.std(axis=0)
     std[std == 0] = 1.0
     return ((features - mean) / std).astype(np.float32)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,21 @@ def test_label_codes_are_the_same_in_every_process(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-1000:]
         seen.add(done.stdout.strip())
     assert seen == {"[2, 0, 1]"}  # 0 < "1" < "1.0": equal values, then by text
+
+
+def test_values_near_the_float_limit_standardise_without_overflow(tmp_path: Path) -> None:
+    """A column summed as it is overflows to inf near 1e308 (every feature then NaN, with
+    only a RuntimeWarning); per-file standardisation must give what it gives at small scale."""
+    path = tmp_path / "huge.csv"
+    rows = [(1e308, 1.0, 0), (-1e308, 2.0, 1), (5e307, 3.0, 0), (0.0, 4.0, 1)]
+    path.write_text("big,small,label\n" + "".join(f"{a!r},{b},{y}\n" for a, b, y in rows))
+    small = tmp_path / "small.csv"
+    small.write_text("big,small,label\n" + "".join(f"{a / 1e300!r},{b},{y}\n" for a, b, y in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        huge = load_dataset(str(path))
+    assert np.isfinite(huge.features).all()
+    np.testing.assert_allclose(huge.features, load_dataset(str(small)).features, atol=1e-6)
 
 
 def test_csv_without_label_column(tmp_path: Path) -> None:
