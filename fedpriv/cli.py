@@ -349,7 +349,8 @@ def _run_simulation(
     from fedpriv.server import workers
 
     if workers.wanted(config.gpus_per_hospital):
-        workers.start_early()  # the workers' imports overlap this process's from here on
+        # the workers' imports overlap this process's from here on
+        workers.start_early(config.cpus_per_hospital)
     from fedpriv.server.simulation import prepare_simulation, run_plan
 
     quasi_identifiers, sensitive = linkage

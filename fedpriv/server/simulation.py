@@ -102,7 +102,7 @@ def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -
     from fedpriv.data.splits import loaded_for
 
     if workers.wanted(config.gpus_per_hospital):
-        workers.start_early()  # its imports overlap the preparation below
+        workers.start_early(config.cpus_per_hospital)  # its imports overlap the preparation below
     plan = prepare_run(share_gpu(config), resume_dir=resume, central=True)
     # the copy prepare_run just read and checked (cached): the workers take this one
     plan = dataclasses.replace(plan, loaded=loaded_for(plan.config))

@@ -48,6 +48,8 @@ BACKEND_ENV = "FEDPRIV_SIMULATION_BACKEND"
 WORKERS_LOG = "workers.log"
 #: what the fork server imports once, before any worker is asked for
 PRELOAD = ["torch", "opacus", "flwr.clientapp", "fedpriv.client.app", "fedpriv.client.handlers"]
+#: the thread pools a worker's libraries size at import (OpenMP, OpenBLAS, MKL)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 #: Flower's engine imports its Ray backend from this module inside ``start_vce``
 _RAY_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 #: how long a worker is given to leave when the simulation ends
@@ -64,16 +66,29 @@ def wanted(gpus_per_hospital: float) -> bool:
     return gpus_per_hospital <= 0
 
 
-def start_early() -> None:
+def start_early(threads: float = 1) -> None:
     """Start the fork server and its imports now (they overlap what the caller does next);
-    nothing happens if it runs already or this platform cannot fork."""
+    nothing happens if it runs already or this platform cannot fork.
+
+    It imports NumPy and PyTorch with their thread pools sized for one hospital (``threads``
+    cores, unless the user's environment sets them), as Ray's actors get them: a worker's
+    BLAS sized for the whole machine spins threads the other workers need."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
     try:
+        for name in THREAD_VARIABLES:
+            os.environ.setdefault(name, str(max(1, int(threads))))
         forkserver.set_forkserver_preload(PRELOAD)
         forkserver.ensure_running()
     except (OSError, ValueError) as exc:  # the workers are started the slow way then
         logger.info("the workers' fork server did not start early: %s", exc)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _serve(conn: Connection, app: bytes, place: Mapping[str, Any], threads: int) -> None:
@@ -141,6 +156,7 @@ def _backend_class(settings: Mapping[str, Any]) -> type:
             import cloudpickle
 
             started = time.perf_counter()
+            start_early(self._threads)  # if nobody did: the fork server, sized as above
             self._app = cloudpickle.dumps(app_fn())
             for _ in range(self._count):
                 self._idle.put(self._start())

@@ -35,8 +35,17 @@ def _train(message: Message, context: Context) -> Message:
     seen = int(context.state["seen"]["n"]) if "seen" in context.state else 0  # type: ignore[arg-type]
     context.state["seen"] = ConfigRecord({"n": seen + 1})
     print("a line the terminal must not get")
+    import threadpoolctl
+    import torch
+
+    pools = [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]
     reply = ConfigRecord(
-        {"pid": os.getpid(), "env": os.environ.get("FEDPRIV_TEST_WORKERS", ""), "seen": seen}
+        {
+            "pid": os.getpid(),
+            "env": os.environ.get("FEDPRIV_TEST_WORKERS", ""),
+            "seen": seen,
+            "threads": max([torch.get_num_threads(), *pools]),
+        }
     )
     return Message(RecordDict({"reply": reply}), reply_to=message)
 
@@ -151,7 +160,8 @@ def test_ray_is_kept_for_gpu_shares_and_on_request(monkeypatch: pytest.MonkeyPat
 
 def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
     """multiprocessing would import the calling script again in each worker; an unguarded
-    script would then run its simulation there too. The workers leave ``__main__`` alone."""
+    script would then run its simulation there too. The workers leave ``__main__`` alone.
+    (A fresh process, so also: the fork server it starts sizes the workers' thread pools.)"""
     marks = tmp_path / "marks.txt"
     script = tmp_path / "unguarded.py"
     script.write_text(
@@ -170,6 +180,7 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
             reply, _ = made.process_message(_message("train"), _context())
             made.terminate()
             print("pid", reply.content["reply"]["pid"])
+            print("threads", reply.content["reply"]["threads"])
             """
         )
     )
@@ -177,7 +188,10 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(script)],
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={
+            **{k: v for k, v in os.environ.items() if k not in workers.THREAD_VARIABLES},
+            "PYTHONPATH": str(root),
+        },
         capture_output=True,
         text=True,
         timeout=300,
@@ -185,3 +199,6 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pid" in done.stdout
     assert marks.read_text() == "script ran\n"
+    # this fresh process started the fork server: its libraries' thread pools are one
+    # hospital's (threads=1), not the machine's, unless the environment says otherwise
+    assert "threads 1\n" in done.stdout
