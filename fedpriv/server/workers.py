@@ -36,6 +36,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 __all__ = ["BACKEND_ENV", "WORKERS_LOG", "forked_backend", "start_early", "wanted"]
@@ -120,10 +121,11 @@ def _serve(conn: Connection, app: bytes, place: Mapping[str, Any], threads: int)
         message, context = job
         try:
             reply = client_app(message=message, context=context)
+            # pickled before a byte is written: a reply that cannot be is an error reply
+            answer = ForkingPickler.dumps(("ok", reply, context))
         except Exception as exc:  # reported as the message's error reply, as Ray does
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        else:
-            conn.send(("ok", reply, context))
+            answer = ForkingPickler.dumps(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send_bytes(answer)
 
 
 class _Worker:

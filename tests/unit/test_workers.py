@@ -57,6 +57,10 @@ def _query(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def _evaluate(message: Message, context: Context) -> Message:
+    if "unpicklable" in message.content["order"]:
+        context.state["bad"] = ConfigRecord({"n": 1})
+        context.run_config = {"lock": threading.Lock()}  # type: ignore[dict-item]
+        return Message(RecordDict(), reply_to=message)
     os._exit(7)
 
 
@@ -119,6 +123,15 @@ def test_messages_run_in_worker_processes_that_keep_their_state(
 def test_an_exception_is_the_messages_error_and_the_worker_stays(backend: Any) -> None:
     with pytest.raises(ClientAppException, match="ValueError: the hospital's file is unread"):
         backend.process_message(_message("query"), _context())
+    reply, _ = backend.process_message(_message("train"), _context())
+    assert int(reply.content["reply"]["seen"]) == 0  # type: ignore[arg-type]
+
+
+def test_a_reply_that_cannot_be_sent_back_is_an_error_and_the_worker_stays(backend: Any) -> None:
+    message = _message("evaluate")
+    message.content["order"]["unpicklable"] = 1
+    with pytest.raises(ClientAppException, match="TypeError: cannot pickle"):
+        backend.process_message(message, _context())
     reply, _ = backend.process_message(_message("train"), _context())
     assert int(reply.content["reply"]["seen"]) == 0  # type: ignore[arg-type]
 
