@@ -325,6 +325,7 @@ def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> 
         notices += more
     if resume_dir is not None:
         run_dir, config, model_name, model_args = _reopen(resume_dir, config)
+        declared, patients = run_dir.read_declarations()
         checkpoint = _restart(run_dir, config, model_name, model_args)
         return RunPlan(
             config=config,
@@ -334,6 +335,8 @@ def _prepare_deployment(config: RunConfig, *, resume_dir: str | Path | None) -> 
             central=None,
             resume=checkpoint,
             notices=tuple(notices),
+            declared=declared,
+            declared_patients=patients,
         )
     config, run_dir = _new_run_directory(config)
     run_dir.write_config(config, model_name="", model_args={})
@@ -442,6 +445,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
     )
     build(model_name, **model_args)
     plan.run_dir.write_config(plan.config, model_name=model_name, model_args=model_args)
+    plan.run_dir.write_declarations(declared, patients)
     logger.info("model %s %s from %d hospitals' schemas", model_name, model_args, len(shapes))
     return dataclasses.replace(
         plan,

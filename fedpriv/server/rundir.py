@@ -35,6 +35,8 @@ ENCRYPTED_MODEL = "model.ckks.npz"
 CHECKPOINT = "checkpoint.pt"
 PRIVACY = "privacy.json"
 FLOWER_LOG = "flower.log"
+#: what each hospital of a deployment declared before round 1 (records, patients)
+DECLARED = "declared.json"
 
 _META_KEYS = ("model-args", "fedpriv-version", "created")
 
@@ -195,6 +197,26 @@ class RunDirectory:
 
     def write_json(self, name: str, document: Mapping[str, Any]) -> None:
         _atomic_write_text(self.file(name), json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+    def write_declarations(self, records: Mapping[str, int], patients: Mapping[str, int]) -> None:
+        """What the hospitals declared before round 1: a resumed run checks claims and sizes
+        its noise against the same counts (its hospitals are not asked again)."""
+        self.write_json(DECLARED, {"records": dict(records), "patients": dict(patients)})
+
+    def read_declarations(self) -> tuple[dict[str, int], dict[str, int]]:
+        """``(records, patients)`` per hospital; empty for a run that recorded none."""
+        if not self.file(DECLARED).exists():
+            return {}, {}
+        data = self._read_json(DECLARED)
+        try:
+            return tuple(  # type: ignore[return-value]
+                {str(name): int(count) for name, count in dict(data[part]).items()}
+                for part in ("records", "patients")
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirectoryError(
+                f"'{self.file(DECLARED)}' does not hold the hospitals' counts ({exc})"
+            ) from None
 
     def save_model(self, weights: Mapping[str, np.ndarray]) -> None:
         state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}

@@ -16,7 +16,7 @@ from scipy import stats
 from fedpriv import messages as msg
 from fedpriv.client.hospital import PrivacyState, local_data, train_round
 from fedpriv.config import RunConfig
-from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.errors import ConfigError, FedprivError, RunDirectoryError
 from fedpriv.privacy.accounting import DpEvent, compose_epsilon, plan_dp, plan_for_run
 from fedpriv.privacy.distributed_noise import (
     NoiseSplit,
@@ -586,6 +586,15 @@ def test_sites_declare_their_patients_with_their_schema(
             assert patients == np.unique(keyed).size
     assert "odd" not in resolved.declared and "odd" not in resolved.declared_patients
     assert "odd declared" in caplog.text and "it has no say" in caplog.text
+    # a resumed run is not sent the schema query again: it keeps what was declared (before,
+    # it had nothing, so distributed noise could not size its shares and no claim was
+    # checked against a declaration)
+    resumed = _prepare_deployment(config, resume_dir=resolved.run_dir.path)
+    assert resumed.declared == resolved.declared and resumed.declared
+    assert resumed.declared_patients == resolved.declared_patients
+    (resolved.run_dir.path / "declared.json").write_text('{"records": {"a": "many"}}')
+    with pytest.raises(RunDirectoryError, match="does not hold the hospitals' counts"):
+        _prepare_deployment(config, resume_dir=resolved.run_dir.path)
 
 
 def test_the_report_states_the_condition_once_and_the_figures_where_the_spend_is(
