@@ -1,4 +1,5 @@
-"""Simulated hospitals on one machine: Flower's in-process simulation engine (Ray backend)."""
+"""Simulated hospitals on one machine: Flower's in-process simulation engine, its hospitals in
+forked worker processes (:mod:`fedpriv.server.workers`), or Ray's actors when they share a GPU."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Stop an in-process simulation in order, whatever interrupts it.
 
 Flower 1.41's simulation engine runs the ServerApp in one thread and the hospitals' messages
-in a pool of threads that wait on Ray (``ray.get``). If the thread that called
+in a pool of threads that wait on its backend (Ray's ``ray.get``, or a forked worker's pipe,
+:mod:`fedpriv.server.workers`). What follows was found with Ray. If the thread that called
 ``run_simulation`` is interrupted (Ctrl-C, a test's time limit raised by a signal), Flower's
 clean-up shuts Ray down at once while those threads still wait on it, and leaves the
 ServerApp thread waiting for replies that never come. The next Ray call in that process then
