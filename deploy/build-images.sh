@@ -75,13 +75,14 @@ context="$work/context"
 mkdir -p "$context/src" "$context/pip" "$context/wheels"
 cp "$ROOT/pyproject.toml" "$ROOT/README.md" "$context/src/"
 tar -C "$ROOT" --exclude='__pycache__' --exclude='*.pyc' -c fedpriv | tar -C "$context/src" -x
+install -m 0755 "$ROOT/deploy/supernode-entrypoint.sh" "$context/supernode-entrypoint.sh"
 # pyproject's dependencies, for the image's dependency layer
 python3 - "$ROOT/pyproject.toml" >"$context/requirements.txt" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as handle:
     print("\n".join(tomllib.load(handle)["project"]["dependencies"]))
 EOF
-source_id="$(cd "$context" && find src requirements.txt -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
+source_id="$(cd "$context" && find src requirements.txt supernode-entrypoint.sh -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
 
 # pip inside the build reaches the package index the way this host does: its CA bundle,
 # index URL and constraints (a file:// index on this disk cannot be seen from the build)

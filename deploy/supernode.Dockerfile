@@ -35,6 +35,9 @@ RUN groupadd --gid "${APP_UID}" app \
         --shell /usr/sbin/nologin app \
  && install -d -o app -g app -m 0700 /state
 COPY --from=build /opt/fedpriv /opt/fedpriv
+# starts the site's warm worker beside the SuperNode, then runs flower-supernode with the
+# container's arguments (deploy/README.md, "A warm worker from the start")
+COPY supernode-entrypoint.sh /usr/local/bin/fedpriv-supernode
 ENV PATH=/opt/fedpriv/bin:$PATH \
     HOME=/tmp \
     FLWR_HOME=/tmp/flwr \
@@ -50,4 +53,4 @@ WORKDIR /state
 VOLUME ["/state"]
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9094), 3)"]
-ENTRYPOINT ["flower-supernode"]
+ENTRYPOINT ["fedpriv-supernode"]

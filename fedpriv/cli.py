@@ -899,6 +899,52 @@ site_app = typer.Typer(
 app.add_typer(site_app, name="site")
 
 
+@site_app.command("warm")
+def site_warm(
+    node_config: Annotated[
+        str,
+        typer.Option(
+            "--node-config",
+            help="the SuperNode's --node-config, exactly as it is given to flower-supernode",
+        ),
+    ],
+    watch_pid: Annotated[
+        int,
+        typer.Option(
+            help="the SuperNode's process id: the worker stops when it is gone (0: only "
+            "when idle for warm-worker-idle seconds)"
+        ),
+    ] = 0,
+) -> None:
+    """Start the site's warm worker now, before its SuperNode's first message, so the first
+    round does not wait for PyTorch's and fedpriv's imports (e.g. in the SuperNode's
+    entrypoint: `fedpriv site warm --node-config "$CONFIG" --watch-pid $$ && exec
+    flower-supernode ... --node-config "$CONFIG"`)."""
+
+    def run() -> None:
+        from flwr.common.config import parse_config_args
+
+        from fedpriv.client import warm
+
+        try:
+            parsed = parse_config_args([node_config])
+        except Exception as exc:  # Flower's TOML parser: any of its errors is bad input
+            raise ConfigError(f"--node-config cannot be read: {exc}") from None
+        if not warm.enabled(parsed):
+            raise ConfigError(
+                "this node config runs no warm worker (no data-path, warm-worker = false, "
+                f"or {warm.ENVIRONMENT}=0): nothing to start"
+            )
+        warm.settings(parsed)  # a bad warm-worker-idle is named here, not in the worker
+        try:
+            path = warm.prestart(parsed, watch_pid=watch_pid)
+        except (OSError, warm.WarmWorkerError) as exc:
+            raise ConfigError(f"the warm worker did not start: {exc}") from None
+        console.print(f"warm worker listening on {path}", highlight=False, soft_wrap=True)
+
+    _guard(run)
+
+
 @site_app.command("check")
 def site_check(
     settings: Annotated[Path, typer.Argument(help="the site's settings, e.g. site.toml")],

@@ -26,6 +26,9 @@ What it may and may not do:
   log). If it dies mid-request, the message fails as a crashed ClientApp would: the
   ledger's reservation stays spent, nothing is retried behind the server's back.
 
+A site may start it with its SuperNode (``fedpriv site warm``, the kit's entrypoint does), so
+that the first round does not wait for its imports.
+
 A site turns it off with ``warm-worker = false`` in its node config (or
 ``FEDPRIV_WARM_WORKER=0`` in the SuperNode's environment).
 """
@@ -52,7 +55,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WarmWorkerError", "enabled", "forward", "serve", "settings", "socket_path"]
+__all__ = [
+    "WarmWorkerError",
+    "enabled",
+    "forward",
+    "prestart",
+    "serve",
+    "settings",
+    "socket_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +197,21 @@ def _connect(path: Path) -> socket.socket | None:
     return sock
 
 
-def _start_worker(path: Path, node_config: Mapping[str, Any]) -> socket.socket:
+def prestart(node_config: Mapping[str, Any], watch_pid: int) -> Path:
+    """Start the worker for ``node_config`` now, before its SuperNode sends a message (its
+    imports then cost the first round nothing); it stops when ``watch_pid`` (the SuperNode)
+    is gone, or when idle. Returns its socket; a worker that already listens is kept."""
+    path = socket_path(node_config)
+    _start_worker(path, node_config, watch_pid=watch_pid).close()
+    return path
+
+
+def _start_worker(
+    path: Path, node_config: Mapping[str, Any], *, watch_pid: int | None = None
+) -> socket.socket:
     """Connect to the worker for ``path``, starting it first if none listens (one starter at
-    a time: a lock file beside the socket)."""
+    a time: a lock file beside the socket). It watches ``watch_pid``: by default this
+    process's parent, the SuperNode that starts ClientApp processes."""
     sock = _connect(path)
     if sock is not None:
         return sock
@@ -214,7 +237,7 @@ def _start_worker(path: Path, node_config: Mapping[str, Any]) -> socket.socket:
                 "--socket",
                 str(path),
                 "--watch-pid",
-                str(os.getppid()),  # the SuperNode that starts ClientApp processes
+                str(os.getppid() if watch_pid is None else watch_pid),
                 "--idle",
                 str(settings(node_config)[1]),
             ],

@@ -243,3 +243,62 @@ def test_a_worker_that_died_is_replaced_at_the_next_message(
     assert list(runtime_dir.glob("*.sock")), "the dead worker's socket file is still there"
     assert not app(_train_message(config), _context(site)).has_error()
     assert _workers_started(runtime_dir) == 2
+
+
+def _node_config_text(site: dict) -> str:
+    """The site as flower-supernode's --node-config takes it (TOML values)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in site.items())
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_worker_started_with_the_supernode_serves_its_first_message(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
+    """`fedpriv site warm --node-config ...` starts the worker the SuperNode's ClientApp
+    processes will look for (same socket: the node config as Flower parses the same text),
+    so the first round does not wait for its imports."""
+    from flwr.common.config import parse_config_args
+    from typer.testing import CliRunner
+
+    from fedpriv.cli import app as cli
+
+    site = _site(tmp_path)
+    text = _node_config_text(site)
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        result = CliRunner().invoke(
+            cli, ["site", "warm", "--node-config", text, "--watch-pid", str(supernode.pid)]
+        )
+        assert result.exit_code == 0, result.output
+        assert "warm worker listening on" in result.output
+        assert _workers_started(runtime_dir) == 1
+        # what a ClientApp process started by that SuperNode has as its node config
+        config = RunConfig(deployment=True, rounds=1, local_epochs=1, batch_size=16, seed=3)
+        reply = app(_train_message(config), _context(parse_config_args([text])))
+        assert not reply.has_error(), reply.error if reply.has_error() else ""
+        assert _workers_started(runtime_dir) == 1  # the one started early served it
+        # a second `site warm` for the same node config keeps the worker that listens
+        again = CliRunner().invoke(cli, ["site", "warm", "--node-config", text])
+        assert again.exit_code == 0 and _workers_started(runtime_dir) == 1
+    finally:
+        supernode.kill()
+        supernode.wait()
+
+
+def test_site_warm_refuses_bad_input_in_one_line(tmp_path: Path, runtime_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedpriv.cli import app as cli
+
+    cases = {
+        'data-path="': "--node-config cannot be read",
+        'hospital-name="st-mary"': "runs no warm worker",
+        f'data-path="{tmp_path}/x.csv" warm-worker=false': "runs no warm worker",
+        f'data-path="{tmp_path}/x.csv" warm-worker-idle=-1': "warm-worker-idle",
+    }
+    for text, expected in cases.items():
+        result = CliRunner().invoke(cli, ["site", "warm", "--node-config", text])
+        assert result.exit_code != 0, text
+        assert expected in result.output, (text, result.output)
+        assert "Traceback" not in result.output
+    assert _workers_started(runtime_dir) == 0
