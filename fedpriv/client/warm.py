@@ -118,13 +118,16 @@ def enabled(node_config: Mapping[str, Any]) -> bool:
     return settings(node_config)[0]
 
 
-def _code_digest() -> str:
-    """Which fedpriv this is: every module's path, size and time, so edited or upgraded code
-    gets a new worker."""
-    h = hashlib.sha256(str(_PACKAGE).encode())
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        st = path.stat()
-        h.update(f"{path.relative_to(_PACKAGE)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+def _code_digest(package: Path | None = None) -> str:
+    """Which fedpriv this is, by content: every module's path in the package and its bytes.
+    Edited or upgraded code gets another worker; the same code from two places (installed at
+    the site, and carried in the run's app bundle, which Flower unpacks elsewhere) is one, so
+    a worker started with the SuperNode (``fedpriv site warm``) serves the bundle's messages."""
+    package = _PACKAGE if package is None else package
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
 

@@ -173,18 +173,28 @@ def test_an_unsafe_worker_directory_means_no_worker_and_the_message_runs_here(
     assert not list(runtime_dir.glob("*.sock"))
 
 
-def test_changed_code_gets_another_worker(tmp_path: Path, runtime_dir: Path) -> None:
+def test_changed_code_gets_another_worker(
+    tmp_path: Path, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker is keyed by the code's content: an edit gets another worker; the same code
+    elsewhere (the run's app bundle, unpacked by Flower, against the copy installed at the
+    site) or merely touched is the same worker."""
     site = {"data-path": str(tmp_path / "x.csv")}
     first = warm.socket_path(site)
     assert warm.socket_path(dict(site)) == first
     assert warm.socket_path({**site, "hospital-name": "other"}) != first
-    module = Path(warm.__file__)
+    package = Path(warm.__file__).resolve().parents[1]
+    bundle = tmp_path / "bundle" / "fedpriv"  # a copy elsewhere, with other file times
+    shutil.copytree(package, bundle, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(warm, "_PACKAGE", bundle)
+    assert warm._code_digest(bundle) == warm._code_digest(package)
+    assert warm.socket_path(site) == first
+    module = bundle / "client" / "warm.py"
     stat = module.stat()
-    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000))
-    try:
-        assert warm.socket_path(site) != first
-    finally:
-        os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert warm.socket_path(site) == first
+    module.write_text(module.read_text() + "\n# edited\n")
+    assert warm.socket_path(site) != first
 
 
 def test_the_worker_stops_when_its_supernode_is_gone(tmp_path: Path, runtime_dir: Path) -> None:
