@@ -25,6 +25,17 @@ def _model(run: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in torch.load(run / "model.pt", weights_only=True).items()}
 
 
+#: one FedSGD round of four hospitals under distributed noise (the two tests below)
+DISTRIBUTED_NOISE = {
+    "hospitals": 4,
+    "rounds": 1,
+    "seed": 5,
+    "strategy": "fedsgd",
+    "aggregation": "secagg",
+    "distributed-noise": True,
+}
+
+
 @pytest.mark.slow  # `make test-slow`
 def test_secure_aggregation_gives_the_plaintext_model_and_resumes(tmp_path: Path) -> None:
     plain = fedpriv.simulate(
@@ -173,16 +184,7 @@ def test_distributed_noise_sum_holds_the_full_noise_and_no_more(tmp_path: Path) 
 
     from tests.reference_dp import google_epsilon
 
-    common = {
-        "dataset": "breast-cancer",
-        "hospitals": 4,
-        "rounds": 1,
-        "seed": 5,
-        "strategy": "fedsgd",
-        "aggregation": "secagg",
-        "distributed-noise": True,
-        "out": str(tmp_path),
-    }
+    common = {**DISTRIBUTED_NOISE, "dataset": "breast-cancer", "out": str(tmp_path)}
     runs = [
         fedpriv.simulate(
             RunConfig.from_mapping({**common, "run-name": n, "ledger-dir": str(tmp_path / n)})
@@ -244,14 +246,9 @@ def test_distributed_noise_trains_when_patients_hold_several_records(tmp_path: P
 
     config = RunConfig.from_mapping(
         {
+            **DISTRIBUTED_NOISE,
             "dataset": str(_visits(tmp_path / "visits.csv")),
             "patient-column": "patient",
-            "hospitals": 4,
-            "rounds": 1,
-            "seed": 5,
-            "strategy": "fedsgd",
-            "aggregation": "secagg",
-            "distributed-noise": True,
             "out": str(tmp_path),
             "run-name": "visits",
             "ledger-dir": str(tmp_path / "ledgers"),

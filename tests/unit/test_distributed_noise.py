@@ -275,28 +275,30 @@ def test_shares_grow_by_what_rounding_can_add_to_the_sensitivity() -> None:
     assert factor == pytest.approx(1 + math.sqrt(values) * 1e-6 / plan.max_grad_norm)
 
 
+def _privacy_json(run_dir: Path, hospitals: dict[str, Any], split: dict[str, Any]) -> None:
+    """A distributed-noise run's privacy.json at epsilon 3.5 (what the summary and the
+    report read)."""
+    import json
+
+    document = {"dp": True, "max_epsilon": 3.5, "max_epsilon_exact": True, "delta": 1e-5}
+    document.update(hospitals=hospitals, distributed_noise=split)
+    (run_dir / "privacy.json").write_text(json.dumps(document))
+
+
 def test_the_terminal_summary_says_the_guarantee_is_conditional(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The summary `fedpriv simulate` prints reads privacy.json: a distributed-noise run's
     epsilon is followed by its assumption and what is left without it."""
-    import json
     from types import SimpleNamespace
 
     from fedpriv.cli import _print_summary
 
     config = RunConfig.from_mapping({**ON, "hospitals": 3, "rounds": 1})
-    (tmp_path / "privacy.json").write_text(
-        json.dumps(
-            {
-                "dp": True,
-                "max_epsilon": 3.5,
-                "max_epsilon_exact": True,
-                "delta": 1e-5,
-                "hospitals": {"hospital-0": {"excluded_for_budget": 0}},
-                "distributed_noise": {"colluders": 1, "max_fallback_epsilon": 9.25},
-            }
-        )
+    _privacy_json(
+        tmp_path,
+        {"hospital-0": {"excluded_for_budget": 0}},
+        {"colluders": 1, "max_fallback_epsilon": 9.25},
     )
     final = {"hospitals": {"hospital-0": {"eval_accuracy": 0.9}}, "epsilon": {"hospital-0": 3.5}}
     result = SimpleNamespace(
@@ -610,22 +612,15 @@ def test_the_report_states_the_condition_once_and_the_figures_where_the_spend_is
     (tmp_path / "config.json").write_text(json.dumps({**config, "model": "mlp"}))
     (tmp_path / "metrics.jsonl").write_text("")
     report = {"epsilon": 3.5, "epsilon_exact": True, "budget_epsilon": 10.0, "delta": 1e-5}
-    (tmp_path / "privacy.json").write_text(
-        json.dumps(
-            {
-                "dp": True,
-                "max_epsilon": 3.5,
-                "max_epsilon_exact": True,
-                "delta": 1e-5,
-                "hospitals": {"hospital-0": report},
-                "distributed_noise": {
-                    "colluders": 1,
-                    "threshold": 3,
-                    "max_fallback_epsilon": 9.25,
-                    "max_fallback_epsilon_exact": False,
-                },
-            }
-        )
+    _privacy_json(
+        tmp_path,
+        {"hospital-0": report},
+        {
+            "colluders": 1,
+            "threshold": 3,
+            "max_fallback_epsilon": 9.25,
+            "max_fallback_epsilon_exact": False,
+        },
     )
     page = " ".join(build_report(tmp_path).read_text().split())
     assert page.count("This guarantee is conditional") == 1
