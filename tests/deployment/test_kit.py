@@ -143,6 +143,15 @@ def test_the_compose_pilot_runs_two_rounds_with_tls_dp_and_he(
             ).split()
             assert len(name) == 1, (service, name)
             assert _podman("exec", name[0], "id", "-u").strip() == str(APP_UID)
+            if service != "superlink":
+                # the image's entrypoint started the site's warm worker beside the SuperNode,
+                # and that worker served the run (another would have a log of its own)
+                said = subprocess.run(
+                    ["podman", "logs", name[0]], capture_output=True, text=True, timeout=60
+                )
+                assert "warm worker listening on" in said.stdout + said.stderr, service
+                workers = _podman("exec", name[0], "sh", "-c", "cat /tmp/fedpriv-warm-*/*.log")
+                assert workers.count("listening on") == 1, (service, workers[-2000:])
         ledger = _podman(
             "run",
             "--rm",
