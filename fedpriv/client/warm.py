@@ -335,6 +335,8 @@ def _serve_one(conn: socket.socket, app: Any) -> None:
     from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
     from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 
+    if not conn.recv(1, socket.MSG_PEEK):
+        return  # closed before a byte: a check that the worker listens (`fedpriv site warm`)
     message = message_from_proto(ProtoMessage.FromString(_receive(conn)))
     context = context_from_proto(ProtoContext.FromString(_receive(conn)))
     started = time.perf_counter()

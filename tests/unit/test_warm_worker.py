@@ -287,6 +287,9 @@ def test_a_worker_started_with_the_supernode_serves_its_first_message(
         reply = app(_train_message(config), _context(parse_config_args([text])))
         assert not reply.has_error(), reply.error if reply.has_error() else ""
         assert _workers_started(runtime_dir) == 1  # the one started early served it
+        logs = "".join(log.read_text() for log in runtime_dir.glob("*.log"))
+        assert "served a train message" in logs
+        assert "went away" not in logs  # `site warm`'s check that it listens is no failure
         # a second `site warm` for the same node config keeps the worker that listens
         again = CliRunner().invoke(cli, ["site", "warm", "--node-config", text])
         assert again.exit_code == 0 and _workers_started(runtime_dir) == 1
