@@ -630,3 +630,21 @@ def test_the_report_states_the_condition_once_and_the_figures_where_the_spend_is
     privacy = page[page.index("<section id='privacy'>") :]
     assert "the epsilons above are conditional (at most 1 hospitals collude" in privacy
     assert "sums over at least 3 hospitals" in privacy and "href='#summary'" in privacy
+
+
+def test_a_simulation_counts_its_hospitals_patients_only_where_they_are_used(
+    tmp_path: Path,
+) -> None:
+    """Secure aggregation (its range, distributed noise) sizes by the declared patients; other
+    runs do not read them, and counting reads every training record at start-up."""
+    from fedpriv.server.prepare import prepare_run
+
+    common = {"dataset": "breast-cancer", "hospitals": 3, "rounds": 1, "out": str(tmp_path)}
+    plain = prepare_run(RunConfig.from_mapping({**common, "run-name": "plain"}), central=False)
+    assert plain.declared and plain.declared_patients == {}
+    masked = prepare_run(
+        RunConfig.from_mapping({**common, **ON, "run-name": "masked"}), central=False
+    )
+    assert masked.declared == plain.declared
+    # breast-cancer has no patient column: a patient per distinct record
+    assert masked.declared_patients == {name: count for name, count in masked.declared.items()}
