@@ -70,12 +70,14 @@ def _backend_config(config: RunConfig) -> dict[str, Any]:
 
 
 def _backend(plan: RunPlan) -> contextlib.AbstractContextManager[Any]:
-    """Forked workers (workers.py) unless the hospitals share a GPU or Ray is asked for."""
+    """Forked workers (workers.py) unless the hospitals share a GPU or Ray is asked for;
+    as many, with as many cores each, as Ray's actors would be (:func:`_backend_config`)."""
     config = plan.config
     if not workers.wanted(config.gpus_per_hospital):
         return contextlib.nullcontext()
-    cpus = os.cpu_count() or 1
-    per_hospital = min(config.cpus_per_hospital, cpus)
+    resources = _backend_config(config)
+    cpus = resources["init_args"]["num_cpus"]
+    per_hospital = resources["client_resources"]["num_cpus"]
     return workers.forked_backend(
         workers=max(1, int(cpus // per_hospital)),
         threads=max(1, int(per_hospital)),
