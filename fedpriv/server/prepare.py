@@ -411,10 +411,9 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
             errors.append(str(reply.error.reason).strip().splitlines()[-1][:300])
             continue
         record = reply.content.config_records[msg.SCHEMA]
-        shape = tuple(int(d) for d in record[msg.SCHEMA_SHAPE])  # type: ignore[union-attr]
-        shapes[hospital_name(reply.content)] = shape
-        classes = max(classes, int(record[msg.SCHEMA_CLASSES]))  # type: ignore[arg-type]
         name = hospital_name(reply.content)
+        shapes[name] = tuple(int(d) for d in record[msg.SCHEMA_SHAPE])  # type: ignore[union-attr]
+        classes = max(classes, int(record[msg.SCHEMA_CLASSES]))  # type: ignore[arg-type]
         if msg.SCHEMA_EXAMPLES in record:
             size = _declared_size(name, record)
             if size is not None:
@@ -422,7 +421,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
                 if msg.SCHEMA_PATIENTS in record:
                     patients[name] = size[1]
         if msg.SCHEMA_LEDGER_DELTA in record:
-            deltas[hospital_name(reply.content)] = float(record[msg.SCHEMA_LEDGER_DELTA])  # type: ignore[arg-type]
+            deltas[name] = float(record[msg.SCHEMA_LEDGER_DELTA])  # type: ignore[arg-type]
     for error in errors:
         logger.warning("a hospital could not describe its data: %s", error)
     if not shapes:
