@@ -50,6 +50,7 @@ def measure(
     warmup: int,
     device: str,
     records_per_patient: int = 4,
+    width: int = 0,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -58,6 +59,8 @@ def measure(
         args["in_features"] = int(torch.tensor(shape).prod())
     else:
         args["in_channels"] = shape[0]
+    if width > 0:  # the CNN's first-layer channels or the MLP's hidden size
+        args["width" if model_name == "cnn" else "hidden"] = width
     model = build(model_name, **args).to(dev)
     x = torch.randn(batch, *shape, device=dev)
     y = torch.randint(0, args["num_classes"], (batch,), device=dev)
@@ -113,6 +116,7 @@ def measure(
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     return {
         "model": model_name,
+        "width": width,
         "shape": list(shape),
         "batch": batch,
         "mode": mode,
@@ -135,6 +139,11 @@ def main() -> None:
     )
     parser.add_argument("--modes", nargs="+", default=["none", "hooks", "ghost"])
     parser.add_argument("--records-per-patient", type=int, default=4)
+    parser.add_argument(
+        "--width", type=int, default=0, help="CNN channels / MLP hidden size (0: the default)"
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--no-default-shapes", action="store_true", help="only the --shape inputs")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -151,18 +160,24 @@ def main() -> None:
                     args.warmup,
                     args.device,
                     args.records_per_patient,
+                    args.width,
                 )
             )
         )
         return
-    configs = [(m, MODELS[m][1]) for m in MODELS]
+    configs = [] if args.no_default_shapes else [(m, MODELS[m][1]) for m in args.models]
     for text in args.shape:
         shape = tuple(int(v) for v in text.split(","))
-        configs += [("mlp", shape), ("cnn", shape)]
+        configs += [(m, shape) for m in args.models]
     results = []
     for model_name, shape in configs:
         for batch in args.batches:
-            row: dict[str, Any] = {"model": model_name, "shape": list(shape), "batch": batch}
+            row: dict[str, Any] = {
+                "model": model_name,
+                "width": args.width,
+                "shape": list(shape),
+                "batch": batch,
+            }
             for mode in args.modes:
                 spec = json.dumps(
                     {"model": model_name, "shape": list(shape), "batch": batch, "mode": mode}
@@ -182,6 +197,8 @@ def main() -> None:
                             args.device,
                             "--records-per-patient",
                             str(args.records_per_patient),
+                            "--width",
+                            str(args.width),
                         ],
                         check=True,
                         capture_output=True,
@@ -204,6 +221,7 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
         },
         "results": results,
     }

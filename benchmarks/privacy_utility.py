@@ -96,9 +96,19 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    gpu = ""
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            gpu = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
     return {
         "host": platform.node(),
         "cpu": model,
+        "gpu": gpu,
         "cores": os.cpu_count(),
         "pinned_to": sorted(os.sched_getaffinity(0)),
         "environment": {
@@ -282,6 +292,8 @@ def done_keys(path: Path) -> set[tuple[Any, ...]]:
 
 def sweep(args: Any) -> None:
     settings: list[float | None] = [*args.epsilons] + ([] if args.no_baseline else [None])
+    if args.baseline_first and not args.no_baseline:
+        settings = [None, *args.epsilons]
     have = done_keys(args.results)
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -394,6 +406,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["breast-cancer", "digits"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--no-baseline", action="store_true", help="skip the no-DP runs")
+    parser.add_argument("--baseline-first", action="store_true", help="the no-DP run first")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--hospitals", type=int, default=5)
     parser.add_argument("--partition", default="iid")

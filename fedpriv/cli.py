@@ -348,7 +348,7 @@ def _run_simulation(
 ) -> None:
     from fedpriv.server import workers
 
-    if workers.wanted(config.gpus_per_hospital):
+    if workers.wanted():
         # the workers' imports overlap this process's from here on
         workers.start_early(config.cpus_per_hospital)
     from fedpriv.server.simulation import prepare_simulation, run_plan

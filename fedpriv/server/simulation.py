@@ -70,19 +70,36 @@ def _backend_config(config: RunConfig) -> dict[str, Any]:
 
 
 def _backend(plan: RunPlan) -> contextlib.AbstractContextManager[Any]:
-    """Forked workers (workers.py) unless the hospitals share a GPU or Ray is asked for;
-    as many, with as many cores each, as Ray's actors would be (:func:`_backend_config`)."""
+    """Forked workers (workers.py) unless Ray is asked for; as many, with as many cores and
+    GPU shares each, as Ray's actors would be (:func:`_backend_config`)."""
     config = plan.config
-    if not workers.wanted(config.gpus_per_hospital):
+    if not workers.wanted():
         return contextlib.nullcontext()
     resources = _backend_config(config)
     cpus = resources["init_args"]["num_cpus"]
     per_hospital = resources["client_resources"]["num_cpus"]
+    count = max(1, int(cpus // per_hospital))
+    try:
+        share = config.gpus_per_hospital
+        gpus = workers.gpu_places(share, _visible_gpus() if share > 0 else [], count)
+    except ValueError as exc:
+        raise DeviceError(str(exc)) from None
     return workers.forked_backend(
-        workers=max(1, int(cpus // per_hospital)),
+        workers=count,
         threads=max(1, int(per_hospital)),
         log=plan.run_dir.file(workers.WORKERS_LOG),
+        gpus=gpus,
     )
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: those ``CUDA_VISIBLE_DEVICES`` names, else all."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is not None:
+        return [g.strip() for g in named.split(",") if g.strip()]
+    import torch
+
+    return [str(k) for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def simulate(
@@ -104,7 +121,7 @@ def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -
     """Validate and write the run directory's first files; nothing is started yet."""
     from fedpriv.data.splits import loaded_for
 
-    if workers.wanted(config.gpus_per_hospital):
+    if workers.wanted():
         workers.start_early(config.cpus_per_hospital)  # its imports overlap the preparation below
     plan = prepare_run(share_gpu(config), resume_dir=resume, central=True)
     # the copy prepare_run just read and checked (cached): the workers take this one
@@ -165,7 +182,7 @@ def _harness_decryptor(plan: RunPlan) -> Any:
 def share_gpu(config: RunConfig) -> RunConfig:
     """Give simulated hospitals a GPU share when they are to use CUDA but asked for none.
 
-    Ray hides the GPUs from workers that reserve none, so ``--device auto`` on a GPU machine
+    A worker with no share sees no GPU (as under Ray), so ``--device auto`` on a GPU machine
     would silently train on the CPU. The hospitals that run at once (one per
     ``cpus-per-hospital`` cores) share one GPU unless ``--gpus-per-hospital`` says otherwise.
     """

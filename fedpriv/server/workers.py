@@ -17,14 +17,17 @@ answered with an error naming how it ended. Workers ignore Ctrl-C (the server st
 order, :mod:`fedpriv.server.stopping`) and write what they print to the run's log
 (``workers.log``), never to the terminal.
 
-Ray stays for GPU shares (it hides from each worker the GPUs it did not reserve) and when
-``FEDPRIV_SIMULATION_BACKEND=ray`` asks for it.
+GPU shares are kept as Ray keeps them: each worker sees only the GPUs its share gives it
+(``CUDA_VISIBLE_DEVICES``, read when the worker first touches CUDA, which the fork server
+never does), as many workers run at once as the GPUs have shares for, and a hospital with no
+share sees no GPU. Ray is used only when ``FEDPRIV_SIMULATION_BACKEND=ray`` asks for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -33,13 +36,13 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-__all__ = ["BACKEND_ENV", "WORKERS_LOG", "forked_backend", "start_early", "wanted"]
+__all__ = ["BACKEND_ENV", "WORKERS_LOG", "forked_backend", "gpu_places", "start_early", "wanted"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +62,33 @@ _LEAVE_S = 10.0
 _START_LOCK = threading.Lock()
 
 
-def wanted(gpus_per_hospital: float) -> bool:
-    """Whether the simulation runs on forked workers (else on Ray)."""
-    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if choice == "ray":
-        return False
-    return gpus_per_hospital <= 0
+def wanted() -> bool:
+    """Whether the simulation runs on forked workers (else on Ray, when asked for)."""
+    return os.environ.get(BACKEND_ENV, "").strip().lower() != "ray"
+
+
+def gpu_places(share: float, visible: Sequence[str], workers: int) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each worker that can run at once, at most ``workers``.
+
+    As Ray places actors: a share under 1 packs ``floor(1 / share)`` workers on each GPU; a
+    share over 1 gives a worker ``ceil(share)`` whole GPUs of its own; no share, no GPU (an
+    empty string hides them all). Raises ``ValueError`` when not one worker fits."""
+    workers = max(1, workers)
+    if share <= 0:
+        return [""] * workers
+    gpus = [str(g).strip() for g in visible if str(g).strip()]
+    if share <= 1:
+        per_gpu = math.floor(1.0 / share + 1e-9)
+        places = [gpus[k % len(gpus)] for k in range(len(gpus) * per_gpu)] if gpus else []
+    else:
+        whole = math.ceil(share - 1e-9)
+        places = [",".join(gpus[k : k + whole]) for k in range(0, len(gpus) - whole + 1, whole)]
+    if not places:
+        raise ValueError(
+            f"--gpus-per-hospital {share:g} needs {math.ceil(share)} GPU(s) for one hospital "
+            f"but {len(gpus)} can be used here"
+        )
+    return places[:workers]
 
 
 def start_early(threads: float = 1) -> None:
@@ -92,7 +116,9 @@ def start_early(threads: float = 1) -> None:
                 os.environ[name] = value
 
 
-def _serve(conn: Connection, app: bytes, place: Mapping[str, Any], threads: int) -> None:
+def _serve(
+    conn: Connection, app: bytes, place: Mapping[str, Any], threads: int, gpus: str | None
+) -> None:
     """A worker's life: run the ClientApp on each (message, context) it is sent."""
     import cloudpickle
 
@@ -101,6 +127,8 @@ def _serve(conn: Connection, app: bytes, place: Mapping[str, Any], threads: int)
     # simulation, have it); multiprocessing gives the worker the caller's directory and path
     os.environ.clear()
     os.environ.update(place["env"])
+    if gpus is not None:  # before anything here touches CUDA, which reads it then
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
     log_path = place["log"]
     with contextlib.suppress(OSError):
         out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -129,9 +157,10 @@ def _serve(conn: Connection, app: bytes, place: Mapping[str, Any], threads: int)
 
 
 class _Worker:
-    def __init__(self, process: Any, conn: Connection) -> None:
+    def __init__(self, process: Any, conn: Connection, gpus: str | None) -> None:
         self.process = process
         self.conn = conn
+        self.gpus = gpus  # a worker that dies is replaced on the same GPUs
 
 
 def _backend_class(settings: Mapping[str, Any]) -> type:
@@ -142,7 +171,8 @@ def _backend_class(settings: Mapping[str, Any]) -> type:
         """Flower's simulation backend interface on forked worker processes."""
 
         def __init__(self, backend_config: Any) -> None:
-            self._count = max(1, int(settings["workers"]))
+            self._gpus: list[str | None] = list(settings["gpus"] or [])
+            self._count = len(self._gpus) or max(1, int(settings["workers"]))
             self._threads = max(1, int(settings["threads"]))
             self._place = {
                 "env": dict(os.environ),
@@ -160,26 +190,26 @@ def _backend_class(settings: Mapping[str, Any]) -> type:
             started = time.perf_counter()
             start_early(self._threads)  # if nobody did: the fork server, sized as above
             self._app = cloudpickle.dumps(app_fn())
-            for _ in range(self._count):
-                self._idle.put(self._start())
+            for k in range(self._count):
+                self._idle.put(self._start(self._gpus[k] if self._gpus else None))
             logger.info(
                 "hospital workers ready: %d forked processes in %.1f s",
                 self._count,
                 time.perf_counter() - started,
             )
 
-        def _start(self) -> _Worker:
+        def _start(self, gpus: str | None) -> _Worker:
             ours, theirs = self._context.Pipe()
             process = self._context.Process(
                 target=_serve,
-                args=(theirs, self._app, self._place, self._threads),
+                args=(theirs, self._app, self._place, self._threads, gpus),
                 daemon=True,
                 name="fedpriv-hospital-worker",
             )
             with _without_main():
                 process.start()
             theirs.close()
-            worker = _Worker(process, ours)
+            worker = _Worker(process, ours, gpus)
             with self._lock:
                 self._all.append(worker)
             return worker
@@ -201,7 +231,7 @@ def _backend_class(settings: Mapping[str, Any]) -> type:
                 code = worker.process.exitcode
                 with self._lock:
                     self._all.remove(worker)
-                worker = self._start()
+                worker = self._start(worker.gpus)
                 how = f"signal {-code}" if code is not None and code < 0 else f"exit {code}"
                 raise ClientAppException(f"the hospital's worker process ended ({how})") from None
             finally:
@@ -252,11 +282,19 @@ def _without_main() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def forked_backend(*, workers: int, threads: int, log: os.PathLike[str] | str) -> Iterator[None]:
+def forked_backend(
+    *,
+    workers: int,
+    threads: int,
+    log: os.PathLike[str] | str,
+    gpus: Sequence[str] | None = None,
+) -> Iterator[None]:
     """Within the block, Flower's simulation engine uses forked workers instead of Ray:
     its ``start_vce`` imports ``RayBackend`` from :data:`_RAY_MODULE` when it starts, and
-    finds this module's class there (Ray itself is never imported)."""
+    finds this module's class there (Ray itself is never imported). ``gpus``, if given, is
+    each worker's ``CUDA_VISIBLE_DEVICES`` (:func:`gpu_places`) and sets their number."""
     settings = {
+        "gpus": list(gpus) if gpus is not None else None,
         "workers": workers,
         "threads": threads,
         "log": os.fspath(log),

@@ -43,6 +43,7 @@ def _train(message: Message, context: Context) -> Message:
         {
             "pid": os.getpid(),
             "env": os.environ.get("FEDPRIV_TEST_WORKERS", ""),
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
             "seen": seen,
             "threads": max([torch.get_num_threads(), *pools]),
         }
@@ -164,11 +165,62 @@ def test_flowers_ray_module_is_restored_after_the_block(tmp_path: Path) -> None:
     assert sys.modules.get(workers._RAY_MODULE) is before
 
 
-def test_ray_is_kept_for_gpu_shares_and_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_is_used_only_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(workers.BACKEND_ENV, raising=False)
-    assert workers.wanted(0.0) and not workers.wanted(0.5)
+    assert workers.wanted()
     monkeypatch.setenv(workers.BACKEND_ENV, "ray")
-    assert not workers.wanted(0.0)
+    assert not workers.wanted()
+
+
+def test_gpu_shares_are_placed_as_rays_actors_are() -> None:
+    # a share under 1 packs floor(1/share) workers on each GPU, spread over the GPUs
+    assert workers.gpu_places(0.25, ["0", "1"], 16) == ["0", "1"] * 4
+    assert workers.gpu_places(0.3, ["0"], 16) == ["0"] * 3
+    assert workers.gpu_places(0.2, ["0"], 2) == ["0", "0"]  # the cores allow only two
+    assert workers.gpu_places(1.0, ["2", "5"], 8) == ["2", "5"]  # the user's own choice of GPUs
+    # over 1: whole GPUs of its own; a leftover GPU stays unused
+    assert workers.gpu_places(2.0, ["0", "1", "2", "3", "4"], 8) == ["0,1", "2,3"]
+    assert workers.gpu_places(1.5, ["0", "1", "2"], 8) == ["0,1"]
+    # no share: every worker sees no GPU, as Ray's workers without one
+    assert workers.gpu_places(0.0, ["0"], 3) == ["", "", ""]
+    with pytest.raises(ValueError, match="needs 2 GPU\\(s\\) for one hospital but 1 can"):
+        workers.gpu_places(2.0, ["0"], 4)
+    with pytest.raises(ValueError, match="but 0 can be used"):
+        workers.gpu_places(0.5, [], 4)
+
+
+def test_each_worker_sees_only_its_gpus_also_when_replaced(tmp_path: Path) -> None:
+    """CUDA_VISIBLE_DEVICES is set in the worker before anything there touches CUDA; the
+    number of places sets the number of workers; a dead worker's successor gets its GPUs."""
+    with workers.forked_backend(workers=8, threads=1, log=tmp_path / "w.log", gpus=["3", "7"]):
+        made = sys.modules[workers._RAY_MODULE].RayBackend({})
+    made.build(lambda: app)
+    try:
+        assert made.num_workers == 2
+        seen: list[str] = []
+
+        def send() -> None:
+            reply, _ = made.process_message(_message("train", hold=1.0), _context())
+            seen.append(str(reply.content["reply"]["gpus"]))
+
+        threads = [threading.Thread(target=send) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(seen) == ["3", "7"]
+        for _ in range(2):  # both die, one after the other; their successors keep the GPUs
+            with pytest.raises(ClientAppException, match="exit 7"):
+                made.process_message(_message("evaluate"), _context())
+        seen.clear()
+        threads = [threading.Thread(target=send) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(seen) == ["3", "7"]
+    finally:
+        made.terminate()
 
 
 def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
@@ -215,3 +267,28 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
     # this fresh process started the fork server: its libraries' thread pools are one
     # hospital's (threads=1), not the machine's, unless the environment says otherwise
     assert "threads 1\n" in done.stdout
+
+
+def test_a_share_no_gpu_set_can_hold_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray would wait for ever for GPUs it cannot find; the simulation refuses to start."""
+    from types import SimpleNamespace
+
+    from fedpriv.config import RunConfig
+    from fedpriv.errors import DeviceError
+    from fedpriv.server import simulation
+
+    monkeypatch.delenv(workers.BACKEND_ENV, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
+    plan = SimpleNamespace(
+        config=RunConfig(gpus_per_hospital=2.0, cpus_per_hospital=1),
+        run_dir=SimpleNamespace(file=lambda name: tmp_path / name),
+    )
+    with pytest.raises(DeviceError, match="needs 2 GPU\\(s\\) for one hospital but 1 can"):
+        simulation._backend(plan)  # type: ignore[arg-type]
+    plan.config = RunConfig(gpus_per_hospital=0.5, cpus_per_hospital=1)
+    with simulation._backend(plan):  # type: ignore[arg-type]
+        made = sys.modules[workers._RAY_MODULE].RayBackend({})
+    assert made.num_workers == min(2, os.cpu_count() or 1)  # two shares of GPU 4, cores allowing
+    assert made._gpus == ["4"] * made.num_workers
