@@ -66,6 +66,7 @@ say "smoke simulation exit $?"
 {
     echo "--- workers.log"; tail -5 /tmp/smoke/smoke/workers.log 2>&1
     echo "--- metrics"; tail -c 600 /tmp/smoke/smoke/metrics.jsonl 2>&1
+    echo "--- flower.log"; tail -12 /tmp/smoke/smoke/flower.log 2>&1
 } >>"$OUT/smoke.txt"
 
 if [[ " $STAGES " == *" dp "* ]]; then
@@ -104,5 +105,8 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 cat /tmp/pu-*.jsonl >"$OUT/privacy_utility_gpu.jsonl" 2>/dev/null
 tail -n 3 /tmp/pu-*.log >>"$LOG" 2>&1
+for run in /tmp/pu-*/*/; do  # a run that did not finish: what Flower and the workers said
+    [ -f "$run/report.html" ] || { echo "--- $run"; tail -6 "$run/flower.log" "$run/workers.log"; }
+done 2>&1 | tail -60 >>"$LOG"
 say "sweeps done: $(wc -l <"$OUT/privacy_utility_gpu.jsonl") runs"
 kill "$WATCH" 2>/dev/null

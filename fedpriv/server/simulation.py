@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.config import RunConfig
-from fedpriv.errors import DeviceError
+from fedpriv.errors import ConfigError, DeviceError, FedprivError
 from fedpriv.server import workers
 from fedpriv.server.pump import event_driven_pump
 from fedpriv.server.run import (
@@ -24,6 +24,7 @@ from fedpriv.server.run import (
     flower_logging,
     prepare_run,
 )
+from fedpriv.server.rundir import FLOWER_LOG
 from fedpriv.server.stopping import ray_did_not_start, run_engine
 
 __all__ = ["SimulationResult", "prepare_simulation", "run_plan", "simulate"]
@@ -123,6 +124,7 @@ def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -
 
     if workers.wanted():
         workers.start_early(config.cpus_per_hospital)  # its imports overlap the preparation below
+    check_backend(config)
     plan = prepare_run(share_gpu(config), resume_dir=resume, central=True)
     # the copy prepare_run just read and checked (cached): the workers take this one
     plan = dataclasses.replace(plan, loaded=loaded_for(plan.config))
@@ -177,6 +179,31 @@ def _harness_decryptor(plan: RunPlan) -> Any:
         return layout.unflatten(mean)
 
     return decrypt
+
+
+def _flower_reason(log: Path) -> str:
+    """The first line of the last error Flower logged (its exit reason), or where to look."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [k for k, line in enumerate(lines) if " ERROR flwr" in line]
+    if errors:
+        reason = [ln.strip() for ln in lines[errors[-1] + 1 :] if ln.strip()]
+        if reason:
+            return reason[0]
+    return f"see {log}"
+
+
+def check_backend(config: RunConfig) -> None:
+    """Ray, when asked for, must be installed: Flower would exit without a word otherwise."""
+    import importlib.util
+
+    if not workers.wanted() and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            f"{workers.BACKEND_ENV}=ray asks for Ray, which is not installed here "
+            "(pip install 'flwr[simulation]'), or unset it to use fedpriv's own workers"
+        )
 
 
 def share_gpu(config: RunConfig) -> RunConfig:
@@ -238,11 +265,17 @@ def run_plan(
                         server_app=app,
                         client_app=client_app,
                         num_supernodes=config.hospitals,
+                        backend_name=workers.BACKEND_NAME if workers.wanted() else "ray",
                         backend_config=_backend_config(config),
                     ),
                     stop,
                 )
                 break
+            except SystemExit as exc:  # Flower's flwr_exit: its reason went to flower.log
+                raise FedprivError(
+                    f"the Flower simulation engine stopped (exit {exc.code}): "
+                    f"{_flower_reason(plan.run_dir.file(FLOWER_LOG))}"
+                ) from None
             except Exception as exc:
                 if (
                     attempt == RAY_START_ATTEMPTS

@@ -42,12 +42,23 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-__all__ = ["BACKEND_ENV", "WORKERS_LOG", "forked_backend", "gpu_places", "start_early", "wanted"]
+__all__ = [
+    "BACKEND_ENV",
+    "BACKEND_NAME",
+    "WORKERS_LOG",
+    "forked_backend",
+    "gpu_places",
+    "start_early",
+    "wanted",
+]
 
 logger = logging.getLogger(__name__)
 
 #: "ray" makes the simulation use Ray's actors whatever the machine
 BACKEND_ENV = "FEDPRIV_SIMULATION_BACKEND"
+#: the name Flower's ``run_simulation`` is given for them: with "ray" it exits when Ray is not
+#: installed, which the forked workers do not need (Flower starts its backend the same way)
+BACKEND_NAME = "fedpriv-forked"
 #: the run directory's file the workers' output goes to
 WORKERS_LOG = "workers.log"
 #: what the fork server imports once, before any worker is asked for

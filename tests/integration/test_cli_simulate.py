@@ -66,3 +66,46 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: 400 hospitals need"), result.stderr
     assert not any(tmp_path.iterdir()) or all(p.name == "run.toml" for p in tmp_path.iterdir())
+
+
+def _fedpriv_without_ray(
+    *args: str, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``fedpriv`` in a process where ``import ray`` fails, as where Ray is not installed."""
+    code = (
+        "import sys; sys.modules['ray'] = None; "
+        f"sys.argv = ['fedpriv', *{list(args)!r}]; "
+        "from fedpriv.cli import main; main()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_a_simulation_needs_no_ray_and_asking_for_a_missing_ray_is_one_line(
+    tmp_path: Path,
+) -> None:
+    """The forked workers do not need Ray (a lent GPU machine had none: Flower exited 701,
+    silently, before they were told not to ask for it); FEDPRIV_SIMULATION_BACKEND=ray without
+    Ray is one line and no run directory, not Flower's silent exit."""
+    args = ["simulate", "--dataset", "breast-cancer", "--hospitals", "2", "--rounds", "1"]
+    args += ["--no-dp", "--out", str(tmp_path)]
+    ran = _fedpriv_without_ray(
+        *args, "--name", "forked", cwd=tmp_path, env={"FEDPRIV_SIMULATION_BACKEND": "forked"}
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert (tmp_path / "forked" / "report.html").exists()
+    refused = _fedpriv_without_ray(
+        *args, "--name", "ray", cwd=tmp_path, env={"FEDPRIV_SIMULATION_BACKEND": "ray"}
+    )
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr
+    assert "asks for Ray, which is not installed here (pip install 'flwr[simulation]')" in lines[0]
+    assert not (tmp_path / "ray").exists()

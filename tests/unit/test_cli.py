@@ -31,6 +31,14 @@ def test_unknown_dataset(tmp_path: Path) -> None:
     )
 
 
+def test_an_error_line_keeps_its_brackets(tmp_path: Path) -> None:
+    """Error lines are text, not rich markup: a path or a column with brackets stays whole."""
+    _bad(
+        ["simulate", "--dataset", "visits[site].csv", "--out", str(tmp_path)],
+        "visits[site].csv",
+    )
+
+
 def test_unknown_strategy(tmp_path: Path) -> None:
     _bad(["simulate", "--strategy", "fedsvd", "--out", str(tmp_path)], "unknown strategy 'fedsvd'")
 

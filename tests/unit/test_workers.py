@@ -292,3 +292,20 @@ def test_a_share_no_gpu_set_can_hold_is_one_error_line(
         made = sys.modules[workers._RAY_MODULE].RayBackend({})
     assert made.num_workers == min(2, os.cpu_count() or 1)  # two shares of GPU 4, cores allowing
     assert made._gpus == ["4"] * made.num_workers
+
+
+def test_flowers_exit_reason_is_read_from_its_log(tmp_path: Path) -> None:
+    """Flower's flwr_exit logs its reason and exits; the simulation's error line quotes it."""
+    from fedpriv.server.simulation import _flower_reason
+
+    log = tmp_path / "flower.log"
+    log.write_text(
+        "2026-11-29 22:53:55,954 DEBUG flwr: backend_config: {}\n"
+        "2026-11-29 22:53:55,955 ERROR flwr: Exit Code: 701\n\n\n"
+        "Extra dependencies required for simulation are missing.\n\n"
+        "To use simulation with the Ray backend, add ...\n"
+    )
+    assert _flower_reason(log) == "Extra dependencies required for simulation are missing."
+    log.write_text("2026-11-29 22:53:55,954 INFO flwr: nothing went wrong\n")
+    assert _flower_reason(log) == f"see {log}"
+    assert _flower_reason(tmp_path / "absent.log") == f"see {tmp_path / 'absent.log'}"
