@@ -158,6 +158,10 @@ def simulate(
     model_width: Annotated[
         int | None, typer.Option(help="MLP hidden size / CNN channels (0: the model's default)")
     ] = None,
+    model_activation: Annotated[
+        str | None,
+        typer.Option(help="relu, elu or tanh [ELU for the MLP under DP-SGD, else ReLU]"),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed for splits, sampling and init")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     gpus_per_hospital: Annotated[
@@ -296,6 +300,7 @@ def simulate(
         "lr": lr,
         "model": model,
         "model-width": model_width,
+        "model-activation": model_activation,
         "seed": seed,
         "device": device,
         "gpus-per-hospital": gpus_per_hospital,

@@ -33,6 +33,8 @@ PARTITIONS = ("iid", "dirichlet", "label-skew", "natural")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
+#: the hidden activations fedpriv's models take (fedpriv.models.ACTIVATIONS)
+ACTIVATIONS = ("relu", "elu", "tanh")
 DP_LEVELS = ("sample", "client", "both")
 AGGREGATIONS = ("plain", "ckks", "secagg")
 NORMALISATIONS = ("auto", "schema", "federated", "file")
@@ -115,6 +117,9 @@ class RunConfig:
     momentum: float = 0.0
     model: str = ""
     model_width: int = 0
+    #: the hidden layers' activation: relu, elu or tanh; empty: ELU for the MLP under
+    #: DP-SGD, else ReLU (fedpriv.models.default_model)
+    model_activation: str = ""
     seed: int = 0
     # differential privacy (sample level: DP-SGD at every hospital)
     dp: bool = True
@@ -220,6 +225,10 @@ class RunConfig:
         _check(self.canaries >= 0, f"canaries must be >= 0 (got {self.canaries})")
         _check(self.reference_models >= 0, "reference-models must be >= 0")
         _check(self.model_width >= 0, "model-width must be >= 0 (0: the model's default)")
+        _check(
+            self.model_activation in ("", *ACTIVATIONS),
+            f"model-activation must be one of {', '.join(ACTIVATIONS)} (empty: by DP)",
+        )
         _check(self.batch_size >= 1, f"batch-size must be at least 1 (got {self.batch_size})")
         _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")

@@ -74,6 +74,7 @@ def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, A
         name=config.model,
         width=config.model_width,
         dp=config.sample_level_dp,
+        activation=config.model_activation,
     )
 
 
@@ -447,6 +448,7 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         name=plan.config.model,
         width=plan.config.model_width,
         dp=plan.config.sample_level_dp,
+        activation=plan.config.model_activation,
     )
     build(model_name, **model_args)
     plan.run_dir.write_config(plan.config, model_name=model_name, model_args=model_args)

@@ -39,6 +39,13 @@ def test_an_error_line_keeps_its_brackets(tmp_path: Path) -> None:
     )
 
 
+def test_unknown_activation(tmp_path: Path) -> None:
+    _bad(
+        ["simulate", "--model-activation", "gelu", "--out", str(tmp_path)],
+        "model-activation must be one of relu, elu, tanh",
+    )
+
+
 def test_unknown_strategy(tmp_path: Path) -> None:
     _bad(["simulate", "--strategy", "fedsvd", "--out", str(tmp_path)], "unknown strategy 'fedsvd'")
 

@@ -54,6 +54,7 @@ def test_kebab_case_and_coercion() -> None:
         ({"rounds": True}, "'rounds' must be an integer"),
         ({"roundz": 3}, "unknown setting 'roundz' \\(did you mean 'rounds'\\?\\)"),
         ({"dp": False, "dp-level": "client"}, "--dp-level client asks for DP but --no-dp"),
+        ({"model-activation": "sigmoid"}, "model-activation must be one of relu, elu, tanh"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(values: dict, message: str) -> None:
@@ -103,8 +104,37 @@ def test_config_json_records_the_recipe_values_used(tmp_path: Path) -> None:
     assert (recorded["rounds"], recorded["local-epochs"]) == (10, 4)
     assert (recorded["batch-size"], recorded["lr"]) == (128, 1.0)
     assert recorded["model"] == "mlp"  # 8x8 images under DP-SGD
+    assert recorded["model-args"]["activation"] == "elu"  # the MLP's activation under DP
     plain = prepare_simulation(
         RunConfig(dataset="digits", dp=False, out=str(tmp_path), run_name="plain", device="cpu")
     )
     recorded = json.loads((plain.run_dir.path / "config.json").read_text())
     assert (recorded["rounds"], recorded["batch-size"], recorded["model"]) == (5, 32, "cnn")
+
+
+def test_the_models_activation_is_elu_for_the_mlp_under_dp_sgd_and_as_asked_otherwise() -> None:
+    from torch import nn
+
+    from fedpriv.models import build, default_model
+
+    table = {"kind": "tabular", "input_shape": (30,), "num_classes": 2}
+    name, args = default_model(**table, dp=True)
+    assert (name, args["activation"]) == ("mlp", "elu")
+    assert any(isinstance(m, nn.ELU) for m in build(name, **args).modules())
+    # without DP the MLP is what it always was: no activation argument, ReLU
+    name, args = default_model(**table, dp=False)
+    assert "activation" not in args
+    assert any(isinstance(m, nn.ReLU) for m in build(name, **args).modules())
+    # asked for: honoured with or without DP, for the CNN too (whose default stays ReLU)
+    assert default_model(**table, dp=True, activation="tanh")[1]["activation"] == "tanh"
+    image = {"kind": "image", "input_shape": (1, 28, 28), "num_classes": 4}
+    assert "activation" not in default_model(**image, dp=True)[1]
+    name, args = default_model(**image, dp=False, activation="elu")
+    assert any(isinstance(m, nn.ELU) for m in build(name, **args).modules())
+    # a state saved without the argument loads into the MLP built with it (no parameters)
+    relu = build("mlp", in_features=30, num_classes=2)
+    build("mlp", in_features=30, num_classes=2, activation="elu").load_state_dict(
+        relu.state_dict()
+    )
+    with pytest.raises(ConfigError, match="unknown activation 'gelu': use relu, elu, tanh"):
+        default_model(**table, activation="gelu")
