@@ -86,7 +86,7 @@ def model_for(arm: str, dp: bool, spec: str) -> str:
     if dataset.kind != "image":
         return "mlp"
     height, width = dataset.features.shape[2:]
-    return "mlp" if arm == "after" and dp and height * width < 256 else "cnn"
+    return "mlp" if arm in ("after", "elu") and dp and height * width < 256 else "cnn"
 
 
 def flags(values: dict[str, Any]) -> list[str]:
