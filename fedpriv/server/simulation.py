@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import threading
 import warnings
@@ -30,6 +31,10 @@ from fedpriv.server.stopping import ray_did_not_start, run_engine
 __all__ = ["SimulationResult", "prepare_simulation", "run_plan", "simulate"]
 
 logger = logging.getLogger(__name__)
+
+#: the GPU memory given to each simulated hospital that shares a GPU by default (a CUDA
+#: context and a small model's training; --gpus-per-hospital overrides the share)
+WORKER_GPU_BYTES = 2**30
 
 #: Ray gives its node a fixed 30 s to start; a loaded machine can miss that, before anything
 #: ran, so the engine is started again (at most this many times in all)
@@ -211,7 +216,8 @@ def share_gpu(config: RunConfig) -> RunConfig:
 
     A worker with no share sees no GPU (as under Ray), so ``--device auto`` on a GPU machine
     would silently train on the CPU. The hospitals that run at once (one per
-    ``cpus-per-hospital`` cores) share one GPU unless ``--gpus-per-hospital`` says otherwise.
+    ``cpus-per-hospital`` cores, at most one per GiB of the GPU's memory) share a GPU unless
+    ``--gpus-per-hospital`` says otherwise.
     """
     import torch
 
@@ -223,7 +229,22 @@ def share_gpu(config: RunConfig) -> RunConfig:
     if config.gpus_per_hospital > 0 or config.device == "cpu" or not torch.cuda.is_available():
         return config
     concurrent = max(1, int((os.cpu_count() or 1) // config.cpus_per_hospital))
-    return config.replace(gpus_per_hospital=round(1.0 / concurrent, 4))
+    # each worker that trains holds a CUDA context of its own for the run: about 850 MiB on
+    # an H200 for the 28x28 CNN (BENCHMARKS.md); a small GPU beside many cores takes fewer
+    memory = min(
+        torch.cuda.get_device_properties(k).total_memory
+        for k in range(max(1, torch.cuda.device_count()))
+    )
+    per_gpu = max(1, min(concurrent, int(memory // WORKER_GPU_BYTES)))
+    if per_gpu < concurrent:
+        logger.info(
+            "%d hospitals share each GPU at once (%.0f GiB, about 1 GiB a worker), not %d",
+            per_gpu,
+            memory / 2**30,
+            concurrent,
+        )
+    # rounded down: 1/7 rounded to 0.1429 would fit only 6 a GPU
+    return config.replace(gpus_per_hospital=math.floor(1e4 / per_gpu) / 1e4)
 
 
 def run_plan(

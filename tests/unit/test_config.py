@@ -133,8 +133,6 @@ def test_the_models_activation_is_elu_for_the_mlp_under_dp_sgd_and_as_asked_othe
     assert any(isinstance(m, nn.ELU) for m in build(name, **args).modules())
     # a state saved without the argument loads into the MLP built with it (no parameters)
     relu = build("mlp", in_features=30, num_classes=2)
-    build("mlp", in_features=30, num_classes=2, activation="elu").load_state_dict(
-        relu.state_dict()
-    )
+    build("mlp", in_features=30, num_classes=2, activation="elu").load_state_dict(relu.state_dict())
     with pytest.raises(ConfigError, match="unknown activation 'gelu': use relu, elu, tanh"):
         default_model(**table, activation="gelu")

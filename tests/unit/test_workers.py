@@ -309,3 +309,33 @@ def test_flowers_exit_reason_is_read_from_its_log(tmp_path: Path) -> None:
     log.write_text("2026-11-29 22:53:55,954 INFO flwr: nothing went wrong\n")
     assert _flower_reason(log) == f"see {log}"
     assert _flower_reason(tmp_path / "absent.log") == f"see {tmp_path / 'absent.log'}"
+
+
+def test_the_default_gpu_share_fits_the_gpus_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device auto on a GPU machine shares a GPU among the hospitals that run at once (one
+    a core), but no more than one a GiB: each holds a CUDA context for the run."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedpriv.config import RunConfig
+    from fedpriv.server import simulation
+
+    memory = {"bytes": 8 * 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda k: SimpleNamespace(total_memory=memory["bytes"])
+    )
+    monkeypatch.setattr(simulation.os, "cpu_count", lambda: 32)
+    assert simulation.share_gpu(RunConfig()).gpus_per_hospital == 0.125  # 8 GiB: 8, not 32
+    memory["bytes"] = 139 * 2**30
+    assert simulation.share_gpu(RunConfig()).gpus_per_hospital == 0.0312
+    assert simulation.share_gpu(RunConfig(cpus_per_hospital=4)).gpus_per_hospital == 0.125
+    # the share is rounded down, so that as many fit as were counted (1/7 -> 0.1428, not 0.1429)
+    monkeypatch.setattr(simulation.os, "cpu_count", lambda: 7)
+    share = simulation.share_gpu(RunConfig()).gpus_per_hospital
+    assert len(workers.gpu_places(share, ["0"], 7)) == 7
+    # what the user asks for wins; the CPU asked for gets none
+    assert simulation.share_gpu(RunConfig(gpus_per_hospital=0.5)).gpus_per_hospital == 0.5
+    assert simulation.share_gpu(RunConfig(device="cpu")).gpus_per_hospital == 0.0
