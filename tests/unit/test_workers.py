@@ -197,28 +197,26 @@ def test_each_worker_sees_only_its_gpus_also_when_replaced(tmp_path: Path) -> No
     made.build(lambda: app)
     try:
         assert made.num_workers == 2
-        seen: list[str] = []
 
-        def send() -> None:
-            reply, _ = made.process_message(_message("train", hold=1.0), _context())
-            seen.append(str(reply.content["reply"]["gpus"]))
+        def gpus_seen_by_two_messages_at_once() -> list[str]:
+            seen: list[str] = []
 
-        threads = [threading.Thread(target=send) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert sorted(seen) == ["3", "7"]
+            def send() -> None:
+                reply, _ = made.process_message(_message("train", hold=1.0), _context())
+                seen.append(str(reply.content["reply"]["gpus"]))
+
+            threads = [threading.Thread(target=send) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            return sorted(seen)
+
+        assert gpus_seen_by_two_messages_at_once() == ["3", "7"]
         for _ in range(2):  # both die, one after the other; their successors keep the GPUs
             with pytest.raises(ClientAppException, match="exit 7"):
                 made.process_message(_message("evaluate"), _context())
-        seen.clear()
-        threads = [threading.Thread(target=send) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert sorted(seen) == ["3", "7"]
+        assert gpus_seen_by_two_messages_at_once() == ["3", "7"]
     finally:
         made.terminate()
 
