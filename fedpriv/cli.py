@@ -160,7 +160,7 @@ def simulate(
     ] = None,
     model_activation: Annotated[
         str | None,
-        typer.Option(help="relu, elu or tanh [ELU for the MLP under DP-SGD, else ReLU]"),
+        typer.Option(help="relu, elu or tanh [ELU for the image MLP under DP-SGD, else ReLU]"),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="seed for splits, sampling and init")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,

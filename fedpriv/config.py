@@ -117,8 +117,8 @@ class RunConfig:
     momentum: float = 0.0
     model: str = ""
     model_width: int = 0
-    #: the hidden layers' activation: relu, elu or tanh; empty: ELU for the MLP under
-    #: DP-SGD, else ReLU (fedpriv.models.default_model)
+    #: the hidden layers' activation: relu, elu or tanh; empty: ELU for the MLP on images
+    #: under DP-SGD, else ReLU (fedpriv.models.default_model)
     model_activation: str = ""
     seed: int = 0
     # differential privacy (sample level: DP-SGD at every hospital)

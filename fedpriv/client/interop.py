@@ -123,7 +123,10 @@ def _model_from_arrays(
             f'model-args=\'{{"in_features": {_product(shape)}, "num_classes": 2}}\', and send '
             "that model's state_dict"
         )
-    return found
+    name, args = found
+    if config.model_activation:  # not in the arrays (no parameters): only the config says it
+        args = {**args, "activation": config.model_activation}
+    return name, args
 
 
 def infer_model(

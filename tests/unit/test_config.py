@@ -104,7 +104,7 @@ def test_config_json_records_the_recipe_values_used(tmp_path: Path) -> None:
     assert (recorded["rounds"], recorded["local-epochs"]) == (10, 4)
     assert (recorded["batch-size"], recorded["lr"]) == (128, 1.0)
     assert recorded["model"] == "mlp"  # 8x8 images under DP-SGD
-    assert recorded["model-args"]["activation"] == "elu"  # the MLP's activation under DP
+    assert recorded["model-args"]["activation"] == "elu"  # the image MLP's under DP
     plain = prepare_simulation(
         RunConfig(dataset="digits", dp=False, out=str(tmp_path), run_name="plain", device="cpu")
     )
@@ -112,19 +112,22 @@ def test_config_json_records_the_recipe_values_used(tmp_path: Path) -> None:
     assert (recorded["rounds"], recorded["batch-size"], recorded["model"]) == (5, 32, "cnn")
 
 
-def test_the_models_activation_is_elu_for_the_mlp_under_dp_sgd_and_as_asked_otherwise() -> None:
+def test_the_activation_is_elu_for_the_image_mlp_under_dp_sgd_and_as_asked_otherwise() -> None:
     from torch import nn
 
     from fedpriv.models import build, default_model
 
-    table = {"kind": "tabular", "input_shape": (30,), "num_classes": 2}
-    name, args = default_model(**table, dp=True)
+    digits = {"kind": "image", "input_shape": (1, 8, 8), "num_classes": 10}
+    name, args = default_model(**digits, dp=True)
     assert (name, args["activation"]) == ("mlp", "elu")
     assert any(isinstance(m, nn.ELU) for m in build(name, **args).modules())
-    # without DP the MLP is what it always was: no activation argument, ReLU
-    name, args = default_model(**table, dp=False)
-    assert "activation" not in args
-    assert any(isinstance(m, nn.ReLU) for m in build(name, **args).modules())
+    # tables under DP, and everything without DP, are what they always were: ReLU, and no
+    # activation argument
+    table = {"kind": "tabular", "input_shape": (30,), "num_classes": 2}
+    for kind, dp in ((table, True), (table, False), (digits, False)):
+        name, args = default_model(**kind, dp=dp)
+        assert "activation" not in args
+        assert not any(isinstance(m, nn.ELU) for m in build(name, **args).modules())
     # asked for: honoured with or without DP, for the CNN too (whose default stays ReLU)
     assert default_model(**table, dp=True, activation="tanh")[1]["activation"] == "tanh"
     image = {"kind": "image", "input_shape": (1, 28, 28), "num_classes": 4}

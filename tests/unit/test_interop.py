@@ -89,6 +89,14 @@ def test_a_stock_order_is_completed_from_the_arrays() -> None:
     assert order.server_round == 2 and order.config.hospitals == 3 and not order.config.dp
 
 
+def test_an_activation_in_the_stock_config_completes_the_model_read_from_the_arrays() -> None:
+    """An activation has no parameters, so the arrays cannot tell it: the server's config
+    can (model-activation); without it the model is the architecture's own (ReLU)."""
+    config = {"hospitals": 3, "dp": False, "model-activation": "elu"}
+    order = read_order(_message(config, _state("mlp", in_features=30, num_classes=2)), SIMULATED)
+    assert order.model_args == {"in_features": 30, "num_classes": 2, "activation": "elu"}
+
+
 def test_fedprivs_own_order_is_marked_and_read_as_before() -> None:
     record = msg.order_record(RunConfig(hospitals=3), model_name="mlp", model_args={"x": 1})
     message = _message(record)
