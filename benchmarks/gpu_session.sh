@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 13 and 14, as one prepared run on a lent GPU machine (the device
 # tool: a bare image with CUDA PyTorch, no registry). Carry the wheels fedpriv needs there
-# (.whl, cp312; see BENCHMARKS.md "On a GPU") and run from the repository's root:
+# (.whl, cp312; see BENCHMARKS.md "On a GPU") and run from the repository's root. The wheels
+# (about 24 MB; the image has torch, numpy, scipy, scikit-learn, grpcio, rich, click):
+#
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#         --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+#         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+#         flwr==1.41.0 opacus==1.6.0 tenseal==0.3.18 dp-accounting==0.6.0 dm-tree==0.1.10 \
+#         cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 pycryptodome==3.24.1 \
+#         iterators==0.0.2 tomli==2.5.0 tomli_w==1.2.0 grpcio-health-checking==1.81.1 \
+#         prompt_toolkit==3.0.53 wcwidth==0.9.4 SQLAlchemy==2.1.9 greenlet==3.5.6 \
+#         alembic==1.20.1 Mako==1.4.3 typer==0.20.1 fastapi==0.138.2 starlette==1.3.1 \
+#         pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+#         typing-inspection==0.4.5 uvicorn==0.49.0 annotated-doc==0.0.7 protobuf==6.33.6
+#
 #
 #     bash benchmarks/gpu_session.sh            # writes into $OUT (default /tmp/gpu-out)
 #
