@@ -129,7 +129,7 @@ def prepare_simulation(config: RunConfig, *, resume: str | Path | None = None) -
 
     if workers.wanted():
         workers.start_early(config.cpus_per_hospital)  # its imports overlap the preparation below
-    check_backend(config)
+    check_backend()
     plan = prepare_run(share_gpu(config), resume_dir=resume, central=True)
     # the copy prepare_run just read and checked (cached): the workers take this one
     plan = dataclasses.replace(plan, loaded=loaded_for(plan.config))
@@ -200,7 +200,7 @@ def _flower_reason(log: Path) -> str:
     return f"see {log}"
 
 
-def check_backend(config: RunConfig) -> None:
+def check_backend() -> None:
     """Ray, when asked for, must be installed: Flower would exit without a word otherwise."""
     import importlib.util
 

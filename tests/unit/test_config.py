@@ -139,3 +139,7 @@ def test_the_activation_is_elu_for_the_image_mlp_under_dp_sgd_and_as_asked_other
     build("mlp", in_features=30, num_classes=2, activation="elu").load_state_dict(relu.state_dict())
     with pytest.raises(ConfigError, match="unknown activation 'gelu': use relu, elu, tanh"):
         default_model(**table, activation="gelu")
+    # the config's list (it cannot import the models, which import torch) is the models' own
+    from fedpriv import config, models
+
+    assert tuple(models.ACTIVATIONS) == config.ACTIVATIONS
