@@ -114,10 +114,14 @@ def test_a_reply_still_uploading_is_pulled_within_a_fraction_of_a_second() -> No
         grid = http_grid.HttpGrid.__new__(http_grid.HttpGrid)  # no SuperLink needed
         assert quicken_object_pulls(grid)
         assert not quicken_object_pulls(grid)  # once
-        started = time.monotonic()
-        assert http_grid.pull_objects(["a"], late_object(0.3)) == {"a": b"model"}
-        quick_seconds = time.monotonic() - started
+        # the best of three: a loaded machine wakes each of its ~3 short sleeps late
+        quick_runs = []
+        for _ in range(3):
+            started = time.monotonic()
+            assert http_grid.pull_objects(["a"], late_object(0.3)) == {"a": b"model"}
+            quick_runs.append(time.monotonic() - started)
+        quick_seconds = min(quick_runs)
     finally:
         http_grid.pull_objects = original
     assert flower_seconds >= 0.75, flower_seconds
-    assert quick_seconds < 0.6, quick_seconds
+    assert quick_seconds < 0.6, quick_runs
