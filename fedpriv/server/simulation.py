@@ -81,10 +81,8 @@ def _backend(plan: RunPlan) -> contextlib.AbstractContextManager[Any]:
     config = plan.config
     if not workers.wanted():
         return contextlib.nullcontext()
-    resources = _backend_config(config)
-    cpus = resources["init_args"]["num_cpus"]
-    per_hospital = resources["client_resources"]["num_cpus"]
-    count = max(1, int(cpus // per_hospital))
+    per_hospital = _backend_config(config)["client_resources"]["num_cpus"]
+    count = _at_once(config)
     try:
         share = config.gpus_per_hospital
         gpus = workers.gpu_places(share, _visible_gpus() if share > 0 else [], count)
@@ -96,6 +94,14 @@ def _backend(plan: RunPlan) -> contextlib.AbstractContextManager[Any]:
         log=plan.run_dir.file(workers.WORKERS_LOG),
         gpus=gpus,
     )
+
+
+def _at_once(config: RunConfig) -> int:
+    """How many hospitals train at once: one per ``cpus-per-hospital`` cores, as many as
+    Ray's actors would be (:func:`_backend_config`)."""
+    resources = _backend_config(config)
+    cpus = resources["init_args"]["num_cpus"]
+    return max(1, int(cpus // resources["client_resources"]["num_cpus"]))
 
 
 def _visible_gpus() -> list[str]:
@@ -228,7 +234,7 @@ def share_gpu(config: RunConfig) -> RunConfig:
         )
     if config.gpus_per_hospital > 0 or config.device == "cpu" or not torch.cuda.is_available():
         return config
-    concurrent = max(1, int((os.cpu_count() or 1) // config.cpus_per_hospital))
+    concurrent = _at_once(config)
     # each worker that trains holds a CUDA context of its own for the run: about 850 MiB on
     # an H200 for the 28x28 CNN (BENCHMARKS.md); a small GPU beside many cores takes fewer
     memory = min(
