@@ -222,6 +222,15 @@ def simulate(
         int | None,
         typer.Option(help="secagg: hospitals needed to unmask a round [a majority]"),
     ] = None,
+    secagg_one_exchange: Annotated[
+        bool | None,
+        typer.Option(
+            "--secagg-one-exchange/--secagg-two-exchanges",
+            help="secagg: rounds in one exchange while every hospital answers (a round "
+            "someone misses is discarded, then two-exchange rounds); or always two, "
+            "recovering drop-outs within the round [one]",
+        ),
+    ] = None,
     distributed_noise: Annotated[
         bool | None,
         typer.Option(
@@ -320,6 +329,7 @@ def simulate(
         "fix-model": fix_model,
         "aggregation": aggregation,
         "secagg-threshold": secagg_threshold,
+        "secagg-one-exchange": secagg_one_exchange,
         "distributed-noise": distributed_noise,
         "noise-colluders": noise_colluders,
         "he": he,

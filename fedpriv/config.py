@@ -154,6 +154,10 @@ class RunConfig:
     #: secure aggregation without client-level DP: the largest update norm a hospital may
     #: send; 0: derived from the DP-SGD settings (fedpriv.protocols.secagg.max_norm)
     secagg_max_norm: float = 0.0
+    #: secure aggregation: a round in one exchange while every hospital answers (masked
+    #: without self masks; a round someone misses is discarded, then recoverable
+    #: two-exchange rounds until three in a row complete); false: always two exchanges
+    secagg_one_exchange: bool = True
     #: secure aggregation + FedSGD + DP-SGD: each hospital adds only its share of the
     #: record-level noise, so that the honest survivors' shares in any sum the server can
     #: unmask add up to the full noise (fedpriv.privacy.distributed_noise); off by default

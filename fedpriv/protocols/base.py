@@ -139,12 +139,13 @@ class ServerSide(ABC):
     A protocol whose aggregate needs one more step from the hospitals (secure aggregation's
     unmasking) sets ``completes_on_evaluate``: :meth:`aggregate` then only keeps what it got,
     the round's evaluation exchange carries :meth:`evaluate_extra`, and :meth:`complete`
-    turns the hospitals' answers into the model.
+    turns the hospitals' answers into the model. It may change between rounds (never within
+    one): the round loop reads it when a round starts, before :meth:`expect`.
     """
 
     #: the server cannot read the global model (it holds ciphertexts)
     encrypted: ClassVar[bool] = False
-    completes_on_evaluate: ClassVar[bool] = False
+    completes_on_evaluate: bool = False
     #: the hospitals check the new aggregate when they evaluate it, and the round's result
     #: is kept only if :meth:`verdict` finds no majority of them unable to use it
     verified_on_evaluate: ClassVar[bool] = False

@@ -155,10 +155,11 @@ class LocalFederation:
             self.received.append(record)
             claimed = (counts or {}).get(node, self.counts[node])
             contributions.append(Contribution(self.name(node), record, claimed, node))
+        deferred = self.server.completes_on_evaluate  # this round's, before it ends
         result = self.server.aggregate(
             contributions, reference=reference, gradient=gradient, server_round=server_round
         )
-        if not self.server.completes_on_evaluate:
+        if not deferred:
             return result
         from fedpriv.protocols.secagg import UNMASK
 

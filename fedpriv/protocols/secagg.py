@@ -16,16 +16,32 @@ round's evaluation exchange, the server names who it received from (S) and who d
 each hospital returns its shares of b_u^r for u in S and of s_u^r for u in D, never both for
 one u and one round, and only if |S| >= t. The server rebuilds the self masks of S and the
 dropped hospitals' mask keys, removes every mask, and obtains sum_{u in S} w_u x_u exactly
-(up to quantisation). No extra exchange when nobody drops; recovery rides on evaluation.
+(up to quantisation). Recovery rides on the evaluation exchange: two exchanges a round.
+
+One exchange a round (``secagg-one-exchange``, the default) while every hospital answers:
+the order says the round is one-exchange, and each hospital of U_r (at least t of them)
+masks without the self mask, y_u = Q(w_u x_u) + sum_v +-PRG(k_uv^r). With every y_u in, the
+pairwise masks cancel in the sum: the model, and the next round's order, follow at once
+(the evaluation rides on that order, as in plaintext rounds). Nothing of such a round is
+ever revealed: each hospital records that it masked round r this way and refuses any
+unmasking request for it. So if one y_u is missing (a drop-out, a refused vector, a decline)
+the round's updates stay masked and are discarded (the model stays), and the server runs
+two-exchange rounds until CLEAN_ROUNDS of them in a row complete with nobody missing. A
+hospital masks a round at most once (two vectors under one round's masks would differ by
+the difference of its updates).
 
 What each party learns (the README's argument, tested in tests/unit/test_secagg.py):
   - the server: the sum over S, |S| >= t, and nothing else about any x_u: each y_u is masked
     by PRG(b_u^r), revealed only if u is in S (so its pairwise masks with other members of
     S stay hidden, and cancel only in the sum), and by its pairwise masks, revealed only for
     u in D (whose b_u^r then stays hidden, even if y_u arrives late). Keys are per round, so
-    nothing revealed in one round helps unmask another.
+    nothing revealed in one round helps unmask another. In a one-exchange round: the sum
+    over all of U_r, |U_r| >= t, or nothing; no key of the round is ever revealed, so y_u
+    stays masked by its pairs' masks whenever it arrives.
   - a coalition of the server and fewer than t hospitals: the same; its members' shares of
-    the other hospitals' secrets number fewer than t.
+    the other hospitals' secrets number fewer than t. In a one-exchange round, any coalition
+    learns only the sum over the honest hospitals of U_r (their pairwise masks with each
+    other are known to none of it).
   - hospitals: nothing of each other's updates (they see only shares and the public model).
 
 Secure against an honest-but-curious server (which reports S and D as they are); a server
@@ -43,7 +59,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -87,6 +103,7 @@ MASKED = "secagg-masked"  # ArrayRecord key: the masked vector (uint32)
 RECORD = "secagg"  # ConfigRecord of a setup or unmask reply
 PARTICIPANTS = "secagg-participants"  # order key: this round's hospitals (node ids, JSON)
 UNMASK = "secagg-unmask"  # order key of the evaluation exchange: {round, survivors, dropped}
+SELF_MASKS = "secagg-self-masks"  # order key: false in a one-exchange round (no self masks)
 SETUP = "secagg-setup"  # order key of a setup query: its content (JSON)
 QUERY_KEYS = "secagg-keys"
 QUERY_SHARES = "secagg-shares"
@@ -95,6 +112,8 @@ QUERIES = (QUERY_KEYS, QUERY_SHARES, QUERY_DELIVER)
 NOISE_COLLUDERS = "secagg-noise-colluders"  # order key: distributed noise's t
 NOISE_SCALE = "secagg-noise-scale"  # order key: distributed noise's rho
 STATE = "fedpriv-secagg"  # the hospital's context.state record (its secrets, this run only)
+#: two-exchange rounds that must complete with nobody missing before one-exchange rounds resume
+CLEAN_ROUNDS = 3
 
 _SEALED = 48 + 16  # one round's shares to one peer (b: 16, s: 32) and the AEAD tag
 _CHANNEL = b"fedpriv secagg channel v1"
@@ -213,6 +232,14 @@ class SecAggHospital(HospitalSide):
             raise FedprivError("secure aggregation: this hospital took no part in the run's setup")
         if node not in participants or not set(participants) <= set(stored.participants):
             raise FedprivError("secure aggregation: this round's hospitals are not the setup's")
+        one_exchange = not bool(order.extra.get(SELF_MASKS, True))
+        if one_exchange and len(participants) < stored.threshold:
+            raise FedprivError(
+                f"secure aggregation: a one-exchange round of {len(participants)} hospitals, "
+                f"fewer than the threshold {stored.threshold}: its sum would expose too few; "
+                "this hospital declines the round"
+            )
+        stored.mark_masked(state, round_, one_exchange=one_exchange)
         delta = np.concatenate([np.ravel(v) for v in update.delta().values()])
         clipped = 0.0
         if self.client_dp is not None:  # distributed DP: clip, then this hospital's noise share
@@ -234,7 +261,8 @@ class SecAggHospital(HospitalSide):
             raise FedprivError(
                 f"secure aggregation: {exc}: this hospital declines the round"
             ) from None
-        masked += stored.self_mask(round_, masked.size)
+        if not one_exchange:  # a one-exchange round's sum is unmasked by the pairs alone
+            masked += stored.self_mask(round_, masked.size)
         for peer in participants:
             if peer == node:
                 continue
@@ -295,6 +323,12 @@ class SecAggHospital(HospitalSide):
         round_ = int(request["round"])
         survivors = [int(n) for n in request["survivors"]]
         dropped = [int(n) for n in request["dropped"]]
+        if round_ in stored.masked(state).get("one", []):
+            raise FedprivError(
+                f"secure aggregation: round {round_} was masked without self masks (one "
+                "exchange): none of its secrets is ever revealed (a late update could be "
+                "unmasked)"
+            )
         if set(survivors) & set(dropped):
             raise FedprivError("secure aggregation: a hospital is both a survivor and dropped")
         if not set(survivors) | set(dropped) <= set(stored.participants):
@@ -458,6 +492,25 @@ class _State:
         start = 48 * self._slot(round_)
         return blob[start : start + 16], blob[start + 16 : start + 48]
 
+    def masked(self, state: Any) -> dict[str, list[int]]:
+        """The rounds this hospital has masked an update for: ``{"one": [...], "two":
+        [...]}`` (one-exchange rounds, whose secrets are never revealed; the others)."""
+        return dict(json.loads(str(self.record.get("masked", '{"one": [], "two": []}'))))
+
+    def mark_masked(self, state: Any, round_: int, *, one_exchange: bool) -> None:
+        """Records that this hospital masks an update for ``round_``; refused for a round
+        it has masked before (two vectors under one round's masks differ by the difference
+        of the updates, which no mask hides)."""
+        done = self.masked(state)
+        if round_ in done.get("one", []) + done.get("two", []):
+            raise FedprivError(
+                f"secure aggregation: round {round_} was already masked by this hospital; "
+                "a second masked vector under the same keys is refused"
+            )
+        done.setdefault("one" if one_exchange else "two", []).append(round_)
+        self.record["masked"] = json.dumps(done)
+        state[STATE] = self.record
+
     def answered(self, state: Any) -> dict[str, Any]:
         return dict(json.loads(str(self.record.get("answered", "{}"))))
 
@@ -494,8 +547,6 @@ class SecAggServer(ServerSide):
     It never holds a hospital's vector unmasked: only the masked ones, the shares it is
     given, and the sum over the survivors."""
 
-    completes_on_evaluate: ClassVar[bool] = True
-
     def __init__(
         self,
         *,
@@ -506,8 +557,17 @@ class SecAggServer(ServerSide):
         client_dp: tuple[float, float] | None,
         weight_unit: float,
         noise: tuple[int, float] | None = None,
+        one_exchange: bool = True,
     ) -> None:
         super().__init__()
+        #: one-exchange rounds allowed (``secagg-one-exchange``): while every hospital
+        #: answers, a round is masked without self masks and unmasked by its own sum; a round
+        #: someone misses is discarded and two-exchange rounds follow until CLEAN_ROUNDS in
+        #: a row complete with nobody missing
+        self.one_exchange = one_exchange
+        self._clean = CLEAN_ROUNDS
+        #: whether the next round needs its evaluation exchange to finish (two exchanges)
+        self.completes_on_evaluate = not one_exchange
         #: distributed noise: (colluders asked for, -1 for the default; rho), or None
         self.noise = noise
         self.colluders = -1
@@ -610,6 +670,7 @@ class SecAggServer(ServerSide):
         participants = sorted(n for n in sampled if n in self.participants)
         return {
             PARTICIPANTS: json.dumps(participants),
+            SELF_MASKS: self.completes_on_evaluate,
             "threshold": self.threshold,
             "bound": self.bound,
             "max-norm": self.max_norm,
@@ -661,9 +722,34 @@ class SecAggServer(ServerSide):
             "reference": reference,
             "expected": self._round.get("expected", []),
         }
-        return None
+        if self.completes_on_evaluate:
+            return None  # the evaluation exchange brings the shares: complete()
+        # one exchange: the pairwise masks cancel in the sum only if every hospital the
+        # round was masked for is in it; nothing else is ever revealed to remove them
+        self.stats["exchanges"] = 1
+        missing = sorted(set(self._round["expected"]) - set(vectors))
+        if missing:
+            refused = {name for name, _ in self.rejected}
+            self.failure = (
+                f"nodes {missing} sent no usable masked update"
+                + (f" ({', '.join(sorted(refused))} refused)" if refused else "")
+                + ": in a one-exchange round their masks cannot be removed; the round's "
+                f"updates stay masked and are discarded, and the next rounds take two "
+                f"exchanges (recoverable) until {CLEAN_ROUNDS} in a row complete"
+            )
+            self.stats.update({"survivors": len(vectors), "dropped": len(missing)})
+            self._clean = 0
+            self.completes_on_evaluate = True
+            return None
+        total = np.zeros(size, dtype=np.uint32)
+        for vector in vectors.values():
+            total += vector
+        return self._finish(
+            total, survivors=sorted(vectors), dropped=[], started=time.perf_counter()
+        )
 
     def expect(self, sampled: Sequence[int]) -> None:
+        self.failure = ""
         self._round = {"expected": sorted(n for n in sampled if n in self.participants)}
 
     def evaluate_extra(self) -> dict[str, Any]:
@@ -678,6 +764,16 @@ class SecAggServer(ServerSide):
     def complete(self, replies: Mapping[int, Mapping[str, Any]]) -> ArrayRecord | None:
         """The new global model from the unmasking replies ``{node: reply record}``;
         ``None`` (and ``failure`` says why) when the round cannot be unmasked."""
+        self.stats["exchanges"] = 2
+        model = self._unmask(replies)
+        # one-exchange rounds resume after CLEAN_ROUNDS rounds in a row with nobody missing
+        expected = set(self._round.get("expected", []))
+        whole = model is not None and expected <= set(self._round.get("vectors", {}))
+        self._clean = self._clean + 1 if whole else 0
+        self.completes_on_evaluate = not (self.one_exchange and self._clean >= CLEAN_ROUNDS)
+        return model
+
+    def _unmask(self, replies: Mapping[int, Mapping[str, Any]]) -> ArrayRecord | None:
         started = time.perf_counter()
         self.failure = ""
         state = self._round
@@ -714,6 +810,15 @@ class SecAggServer(ServerSide):
         except FedprivError as exc:
             self.failure = str(exc)
             return None
+        return self._finish(total, survivors=survivors, dropped=dropped, started=started)
+
+    def _finish(
+        self, total: np.ndarray, *, survivors: list[int], dropped: list[int], started: float
+    ) -> ArrayRecord | None:
+        """The model from the round's unmasked sum, once it passes the sum-level checks
+        (the weight against the claimed counts, the norm against the range)."""
+        state = self._round
+        vectors: dict[int, np.ndarray] = state["vectors"]
         quantizer = Quantizer(bound=self.bound, parties=len(state.get("expected", survivors)))
         summed = quantizer.decode(total)
         weight = float(summed[-1])
@@ -875,6 +980,7 @@ def _server(
         noise=(config.noise_colluders, noise_scale(config, limits.declared, limits.patients))
         if config.distributed_noise
         else None,
+        one_exchange=config.secagg_one_exchange,
     )
     server.stats.update({"max_norm": limit, "max_norm_from": source})
     if source == "derived":

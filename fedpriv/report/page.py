@@ -78,6 +78,7 @@ _SETTINGS = (
     "budget-epsilon",
     "aggregation",
     "secagg-threshold",
+    "secagg-one-exchange",
     "seed",
 )
 
@@ -254,6 +255,7 @@ def _settings(config: Mapping[str, Any], privacy: Mapping[str, Any]) -> str:
         shown.pop("client-noise-multiplier", None)
     if _protocol(config) != "secagg":
         shown.pop("secagg-threshold", None)
+        shown.pop("secagg-one-exchange", None)
     cells = []
     for key in _SETTINGS:
         if key not in shown or (deployment and key in _DEPLOYMENT_UNUSED):

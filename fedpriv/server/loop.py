@@ -173,17 +173,20 @@ def run_rounds(
     Hospitals that ignore the request (e.g. a stock Flower ClientApp) get the separate
     evaluation exchange instead.
     """
-    carry = carries_evaluation(strategy)
     side = getattr(strategy, "aggregator", None)
     # CKKS under one exchange a round: the hospitals check each aggregate when the next
     # round's order brings it (decrypting it to evaluate and train from it); until most of
     # them could use it, the last checked model is kept to fall back on (a resumed run's
     # restored aggregate has not been checked yet: nothing to fall back on)
-    verify = carry and bool(getattr(side, "verified_on_evaluate", False))
+    verify = carries_evaluation(strategy) and bool(getattr(side, "verified_on_evaluate", False))
     checked: ArrayRecord | None = arrays if first_round == 1 else None
     for server_round in range(first_round, last_round + 1):
         started = time.perf_counter()
         logger.info("[ROUND %d/%d]", server_round, last_round)
+        # read once a round, before the round's order: secure aggregation takes one
+        # exchange or two depending on how the rounds before it went
+        carry = carries_evaluation(strategy)
+        deferred = bool(getattr(side, "completes_on_evaluate", False))
         order = ConfigRecord(dict(train_config))
         if carry:
             order[msg.EVALUATE_RECEIVED] = True
@@ -244,9 +247,15 @@ def run_rounds(
                 f"min-hospitals={min_hospitals}" + (f" ({detail})" if detail else "")
             )
         new_arrays, train_metrics = strategy.aggregate_train(server_round, ok)
-        deferred = bool(getattr(side, "completes_on_evaluate", False))
+        failure = ""
         if new_arrays is None and not deferred:
-            raise FederationStopped(f"round {server_round}: no usable update to aggregate")
+            # a protocol that says why (a one-exchange secure-aggregation round someone
+            # missed) loses the round, not the run: the model stays
+            failure = str(getattr(side, "failure", "") or "")
+            if not failure:
+                raise FederationStopped(f"round {server_round}: no usable update to aggregate")
+            logger.warning("round %d: no aggregate: %s", server_round, failure)
+            new_arrays = arrays
         hospitals = _per_hospital(ok, "train_examples")
 
         carried = _carried_evaluations(replies) if carry else []
@@ -257,7 +266,6 @@ def run_rounds(
             eval_failed: dict[str, str] = {}
             eval_metrics = strategy.aggregate_evaluate(server_round, carried)
             evaluated = server_round - 1
-            failure = ""
             if server_round == last_round:  # the final model, evaluated once
                 previous = {"round": evaluated, **_plain(eval_metrics)}
                 final = _final_evaluation(
@@ -297,7 +305,6 @@ def run_rounds(
                 logger.warning("round %d: evaluation at %s failed: %s", server_round, who, reason)
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_ok)
             evaluated = server_round - 1 if deferred else server_round
-            failure = ""
             if side is not None and getattr(side, "verified_on_evaluate", False):
                 # the hospitals decrypted the new aggregate: if most cannot use it, drop it
                 unusable = _unusable(eval_replies)

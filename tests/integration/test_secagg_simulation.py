@@ -78,7 +78,7 @@ def _round(message: Message) -> int:
 def _train(message: Message, context: Context) -> Message:
     if int(context.node_config["partition-id"]) == 1 and _round(message) == 2:
         raise RuntimeError("hospital 1 dropped out while training")
-    return fedpriv_app.handle_train(message, context)
+    return fedpriv_app.train_and_evaluate(message, context)
 
 
 @faulty.evaluate()
@@ -101,6 +101,7 @@ def test_secure_aggregation_survives_hospitals_failing_in_either_phase(tmp_path:
             "run-name": "f",
             "aggregation": "secagg",
             "secagg-threshold": 3,
+            "secagg-one-exchange": False,  # every round recoverable within itself
         }
     )
     result = run_plan(prepare_simulation(config), client_app=faulty)
@@ -268,3 +269,33 @@ def test_distributed_noise_trains_when_patients_hold_several_records(tmp_path: P
         assert report["epsilon"] == pytest.approx(google_epsilon(report["events"], 1e-5), rel=0.03)
     scales = {r["distributed_noise"]["scale"] for r in privacy["hospitals"].values()}
     assert len(scales) == 1 and scales.pop() == pytest.approx(max(needs), rel=1e-9)
+
+
+def test_one_exchange_rounds_lose_a_round_to_a_dropout_then_recover(tmp_path: Path) -> None:
+    """The default: one exchange a round while everyone answers. Hospital 1 fails in round
+    2's training: round 2's masked updates are discarded (the model stays), rounds 3-5 are
+    two-exchange ones (hospital 3's failure to unmask in round 2 never happens: round 2 had
+    no unmasking), and the run ends with a model that learnt."""
+    config = RunConfig.from_mapping(
+        {
+            **COMMON,
+            "rounds": 5,
+            "out": str(tmp_path),
+            "run-name": "o",
+            "aggregation": "secagg",
+            "secagg-threshold": 3,
+        }
+    )
+    assert config.secagg_one_exchange
+    result = run_plan(prepare_simulation(config), client_app=faulty)
+    assert not result.stopped and result.last_round == 5
+    rows = result.rows
+    assert [r["aggregation"]["exchanges"] for r in rows] == [1, 1, 2, 2, 2]
+    assert "discarded" in rows[1]["aggregate_failure"]
+    assert rows[1]["aggregation"]["survivors"] == 4 and rows[1]["aggregation"]["dropped"] == 1
+    assert all("aggregate_failure" not in r for r in rows[2:])
+    assert [r["aggregation"]["survivors"] for r in rows[2:]] == [5, 5, 5]
+    # the evaluations: carried on the next order in one-exchange rounds, on the unmasking
+    # exchange in the others; each row describes the model its round trained from
+    assert [r.get("evaluated_round") for r in rows] == [0, 1, 2, 3, None]
+    assert result.final["test_accuracy"] > 0.8

@@ -51,8 +51,8 @@ def _config(name: str, tmp_path: Path, **changes: Any) -> tuple[RunConfig, dict]
     if name == "ckks":
         write_keys(tmp_path / "keys")
         base.update(he=True, keys=str(tmp_path / "keys"))
-    if name == "secagg":
-        base.update(aggregation="secagg", secagg_threshold=3)
+    if name == "secagg":  # the recoverable two-exchange rounds (one-exchange ones below)
+        base.update(aggregation="secagg", secagg_threshold=3, secagg_one_exchange=False)
     if name == "client-dp":
         base.update(dp=True, dp_level="client", client_noise_multiplier=0.0, client_clip_norm=100.0)
     base.update(changes)
@@ -208,7 +208,7 @@ def test_an_update_far_beyond_the_others_is_refused(tmp_path: Path) -> None:
     federation = Federation("plain", config, NODES, node_config)
     models = _models(NODES, seed=3)
     models[NODES[2]] = {k: v * 1000 for k, v in models[NODES[2]].items()}
-    result = federation.round(1, models)
+    result = federation.round(2, models)
     assert result is not None and [h for h, _ in federation.server.rejected] == [f"h{NODES[2]}"]
 
 
@@ -458,3 +458,163 @@ def test_an_update_beyond_what_dp_sgd_can_produce_is_still_an_error(tmp_path: Pa
             gross,
             federation.states[NODES[0]],
         )
+
+
+# ---- secure aggregation in one exchange a round ------------------------------------------------
+
+
+def _one_exchange(tmp_path: Path, **changes: Any) -> Federation:
+    config, node_config = _config("secagg", tmp_path, secagg_one_exchange=True, **changes)
+    return Federation("secagg", config, NODES, node_config)
+
+
+def _pair_masks(federation: Federation, target: int, peers: Sequence[int], round_: int) -> Any:
+    """The pairwise masks ``target`` added for ``peers`` in ``round_``, as those peers can
+    compute them from their own secrets (what a coalition of them knows)."""
+    from fedpriv.privacy.masking import prg_uint32
+    from fedpriv.protocols.secagg import _State
+
+    size = sum(int(np.prod(s)) for s in SHAPES.values()) + 1
+    total = np.zeros(size, dtype=np.uint32)
+    for peer in peers:
+        state = _State.load(federation.states[peer])
+        assert state is not None
+        mask = prg_uint32(state.pair_key(peer, target, round_), size)
+        total += mask if target < peer else -mask
+    return total
+
+
+def test_a_one_exchange_round_is_the_mean_with_no_unmasking_step(tmp_path: Path) -> None:
+    federation = _one_exchange(tmp_path)
+    assert not federation.server.completes_on_evaluate
+    models = _models(NODES, seed=7)
+    result = federation.round(1, models)  # collect() returns before any unmasking answer
+    assert result is not None, federation.server.failure
+    got = _read(federation, result)
+    for k, v in _expected(federation, models, NODES).items():
+        np.testing.assert_allclose(got[k], v, atol=1e-6)
+    assert federation.server.stats["exchanges"] == 1
+    # the vectors carry no self mask: the sum of the masked words is the quantised sum
+    quantizer = Quantizer(bound=float(federation.server.bound), parties=len(NODES))  # type: ignore[attr-defined]
+    total = np.sum(np.stack(federation.masked), axis=0, dtype=np.uint32)
+    plain = np.zeros_like(total)
+    for n in NODES:
+        weight = federation.counts[n] / max(federation.counts.values())
+        update = np.concatenate([np.ravel(v) for v in models[n].values()])
+        plain += quantizer.encode(np.append(weight * update, weight))
+    # (to within the rounding of each hospital's own float arithmetic: a unit a value)
+    assert np.abs((total - plain).view(np.int32)).max() <= len(NODES)
+
+
+def test_one_exchange_masks_hide_an_update_from_the_server_and_a_minority(tmp_path: Path) -> None:
+    federation = _one_exchange(tmp_path)
+    models = _models(NODES, seed=8)
+    target = NODES[2]
+    models[target] = {k: np.full(s, 0.05, dtype=np.float32) for k, s in SHAPES.items()}
+    federation.round(1, models)
+    received = federation.masked[2]
+    quantizer = Quantizer(bound=float(federation.server.bound), parties=len(NODES))  # type: ignore[attr-defined]
+    weight = federation.counts[target] / max(federation.counts.values())
+    update = np.concatenate([np.ravel(v) for v in models[target].values()])
+    plain = quantizer.encode(np.append(weight * update, weight))
+    others = [n for n in NODES if n != target]
+
+    def uniform(words: np.ndarray) -> bool:
+        counts = np.bincount((words >> np.uint32(28)).astype(int), minlength=16)
+        return bool(stats.chisquare(counts).pvalue > 1e-4)
+
+    assert uniform(received)
+    # the server with three of the other four: one honest pair's mask still hides it
+    for honest in others:
+        coalition = [n for n in others if n != honest]
+        assert uniform(received - _pair_masks(federation, target, coalition, 1)), honest
+    # with all four others (the sum then tells the same anyway) it is exactly the update:
+    # the check above could fail
+    opened = received - _pair_masks(federation, target, others, 1)
+    assert np.abs((opened - plain).view(np.int32)).max() <= 1
+
+
+def test_a_one_exchange_round_someone_misses_is_discarded_then_rounds_recover(
+    tmp_path: Path,
+) -> None:
+    from fedpriv.protocols.secagg import CLEAN_ROUNDS
+
+    federation = _one_exchange(tmp_path, rounds=8)
+    models = _models(NODES, seed=9)
+    assert federation.round(1, models) is not None
+    result = federation.round(2, models, drop_in_training=[NODES[1]])
+    assert result is None and "discarded" in federation.server.failure
+    assert str(NODES[1]) in federation.server.failure
+    assert federation.server.completes_on_evaluate  # two exchanges from now on
+    # a drop-out in a two-exchange round is recovered within the round
+    result = federation.round(3, models, drop_in_training=[NODES[1]])
+    assert result is not None, federation.server.failure
+    assert federation.server.stats["exchanges"] == 2 and federation.server.stats["dropped"] == 1
+    got = _read(federation, result)
+    for k, v in _expected(federation, models, [n for n in NODES if n != NODES[1]]).items():
+        np.testing.assert_allclose(got[k], v, atol=1e-6)
+    for round_ in range(4, 4 + CLEAN_ROUNDS):  # CLEAN_ROUNDS whole two-exchange rounds
+        assert federation.server.completes_on_evaluate
+        assert federation.round(round_, models) is not None
+    assert not federation.server.completes_on_evaluate  # back to one exchange
+    assert federation.round(4 + CLEAN_ROUNDS, models) is not None
+    assert federation.server.stats["exchanges"] == 1
+
+
+def test_a_one_exchange_rounds_secrets_are_never_revealed(tmp_path: Path) -> None:
+    """The attack this refusal stops: a hospital's vector arrives after the server has
+    called it dropped; had the others revealed its mask key, its update would be open."""
+
+    federation = _one_exchange(tmp_path)
+    models = _models(NODES, seed=10)
+    late = NODES[4]
+    order = federation.order(late, 1, federation.server.round_extra(NODES))  # round 1's
+    federation.round(1, models, drop_in_training=[late])
+    assert federation.server.failure
+    request = {"round": 1, "survivors": NODES[:4], "dropped": [late]}
+    for node in NODES[:4]:
+        with pytest.raises(FedprivError, match="is ever revealed"):
+            federation.sides[node].unmask(request, node, federation.states[node])
+    # what the refusal protects: the vector arriving late, less the pairwise masks its
+    # mask key would rebuild (computed here from the others' secrets), is its update
+    from fedpriv.protocols.base import Update
+
+    update_late = Update(
+        before=federation.model,
+        after=models[late],
+        num_examples=federation.counts[late],
+        gradient=False,
+        server_lr=1.0,
+    )
+    record, _ = federation.sides[late].encode(order, update_late, federation.states[late])
+    arrived = record[MASKED].numpy()
+    quantizer = Quantizer(bound=float(federation.server.bound), parties=len(NODES))  # type: ignore[attr-defined]
+    weight = federation.counts[late] / max(federation.counts.values())
+    update = np.concatenate([np.ravel(v) for v in models[late].values()])
+    exposed = arrived - _pair_masks(federation, late, NODES[:4], 1)
+    plain = quantizer.encode(np.append(weight * update, weight))
+    assert np.abs((exposed - plain).view(np.int32)).max() <= 1
+    with pytest.raises(FedprivError, match="is ever revealed"):  # nor by the late one itself
+        federation.sides[late].unmask(request, late, federation.states[late])
+
+
+def test_a_hospital_masks_a_round_once_and_never_for_too_few(tmp_path: Path) -> None:
+    from fedpriv.protocols.base import Update
+
+    federation = _one_exchange(tmp_path)
+    node = NODES[0]
+    update = Update(
+        before=federation.model,
+        after={k: v + 0.01 for k, v in federation.model.items()},
+        num_examples=federation.counts[node],
+        gradient=False,
+        server_lr=1.0,
+    )
+    side, state = federation.sides[node], federation.states[node]
+    extra = federation.server.round_extra(NODES)
+    side.encode(federation.order(node, 1, extra), update, state)
+    with pytest.raises(FedprivError, match="already masked"):
+        side.encode(federation.order(node, 1, extra), update, state)
+    small = federation.server.round_extra(NODES[:2])  # 2 hospitals, threshold 3
+    with pytest.raises(FedprivError, match="fewer than the threshold 3"):
+        side.encode(federation.order(node, 2, small), update, state)
