@@ -11,10 +11,12 @@ deployment tests start them (tests/deployment/federation.py). On it, in turn:
 - ``floor-poll``: the same with the server pulling every 0.1 s (what fedpriv's server does);
 - ``fedpriv``: fedpriv's deployment run, plaintext aggregation, no DP;
 - ``fedpriv-dp``: the same with DP (epsilon 4);
-- ``fedpriv-ckks``: CKKS homomorphic aggregation, no DP (two exchanges a round: the hospitals
-  check the decrypted aggregate before anyone trains on it);
+- ``fedpriv-ckks``: CKKS homomorphic aggregation, no DP (one exchange a round: the hospitals
+  check each decrypted aggregate when the next order brings it);
 - ``fedpriv-secagg``: secure aggregation (masking, threshold 2 of 3), no DP (its set-up
-  queries, then two exchanges a round: unmasking rides on evaluation).
+  queries, then one exchange a round while every hospital answers);
+- ``fedpriv-secagg-two``: the same with ``secagg-one-exchange = false``: two exchanges a
+  round, unmasking on the evaluation exchange (drop-outs recovered within the round).
 
 Seconds per round are the median of rounds 2..N (round 1 carries one-off costs); start-up is
 submit to the end of round 1 minus one steady round; bytes are what the SuperLink counted
@@ -42,7 +44,15 @@ from fedpriv.certs import init_certs  # noqa: E402
 from tests.deployment.federation import CONNECTION, Federation, key_values  # noqa: E402
 
 FLOOR_APP = ROOT / "benchmarks" / "floor"
-VARIANTS = ("floor", "floor-poll", "fedpriv", "fedpriv-dp", "fedpriv-ckks", "fedpriv-secagg")
+VARIANTS = (
+    "floor",
+    "floor-poll",
+    "fedpriv",
+    "fedpriv-dp",
+    "fedpriv-ckks",
+    "fedpriv-secagg",
+    "fedpriv-secagg-two",
+)
 #: run-config of each fedpriv variant beyond the plain one (CKKS and secure aggregation are
 #: measured with DP off, so the protocol's own cost shows)
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -50,6 +60,11 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "fedpriv-dp": {"dp": True},
     "fedpriv-ckks": {"he": True},
     "fedpriv-secagg": {"aggregation": "secagg", "secagg-threshold": 2},
+    "fedpriv-secagg-two": {
+        "aggregation": "secagg",
+        "secagg-threshold": 2,
+        "secagg-one-exchange": False,
+    },
 }
 
 
