@@ -22,6 +22,8 @@
 # 1. smoke: versions, imports, and a 2-round DP simulation on CUDA through the forked workers
 #    (which GPU each worker saw: nvidia-smi's compute processes during the runs);
 # 2. the DP step cost on CUDA (benchmarks/dp_overhead.py), 28x28 CNN at widths 16 and 64;
+# share. the default GPU share with --device auto (24 hospitals on the machine's cores), and
+#    secure aggregation's one-exchange rounds on CUDA (STAGES="smoke share": not by default);
 # 3. the 28x28 privacy-utility table (organs28, the DP recipe, epsilon 1/2/4/8 and no DP,
 #    3 seeds) with the default CNN (width 16) and a larger one (width 64), six sweeps at once;
 #    width 64 asks for --gpus-per-hospital 0.2, width 16 gets --device cuda's own share.
@@ -82,6 +84,27 @@ say "smoke simulation exit $?"
     echo "--- metrics"; tail -c 600 /tmp/smoke/smoke/metrics.jsonl 2>&1
     echo "--- flower.log"; tail -12 /tmp/smoke/smoke/flower.log 2>&1
 } >>"$OUT/smoke.txt"
+
+if [[ " $STAGES " == *" share "* ]]; then
+# the default GPU share (--device auto, no --gpus-per-hospital): one hospital a core, at most
+# one a GiB of GPU memory; then secure aggregation's one-exchange rounds on the GPU
+timeout 150 "$PY" -m fedpriv.cli simulate --dataset digits --hospitals 24 --rounds 2 \
+    --device auto --epsilon 4 --out /tmp/share --name auto >"$OUT/share_auto.txt" 2>&1
+say "share: --device auto, 24 hospitals: exit $?"
+timeout 120 "$PY" -m fedpriv.cli simulate --dataset digits --hospitals 5 --rounds 4 \
+    --device cuda --epsilon 4 --aggregation secagg --out /tmp/share --name secagg \
+    >"$OUT/share_secagg.txt" 2>&1
+say "share: secagg on cuda: exit $?"
+for run in auto secagg; do
+    echo "--- $run config"; "$PY" -c "import json; c = json.load(open('/tmp/share/$run/config.json')); print({k: c.get(k) for k in ('device', 'gpus-per-hospital', 'cpus-per-hospital')})"
+    echo "--- $run workers.log"; tail -4 "/tmp/share/$run/workers.log"
+    echo "--- $run metrics"; "$PY" -c "
+import json
+for line in open('/tmp/share/$run/metrics.jsonl'):
+    r = json.loads(line); a = r.get('aggregation', {})
+    print(r['round'], r.get('eval_accuracy'), a.get('exchanges'), r.get('aggregate_failure', ''))"
+done >"$OUT/share_runs.txt" 2>&1
+fi
 
 if [[ " $STAGES " == *" dp "* ]]; then
 timeout 100 "$PY" benchmarks/dp_overhead.py --device "$DEVICE" --models cnn --no-default-shapes \
