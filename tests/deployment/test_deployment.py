@@ -131,9 +131,11 @@ def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
     federation: Federation, kit: dict[str, Any]
 ) -> None:
     """Under secure aggregation (threshold 2 of 3): set up across real processes, one
-    hospital killed after round 1, round 2 unmasked from the two others."""
+    hospital killed after round 1. Round 2 is a one-exchange round (the default): its masked
+    updates are discarded, never unmasked; round 3 is a recoverable two-exchange round and
+    goes on with the two others."""
     secure = {"he": False, "aggregation": "secagg", "secagg-threshold": 2}
-    run_id = federation.submit(_run_config(kit, "dropout", rounds=2, **secure))
+    run_id = federation.submit(_run_config(kit, "dropout", rounds=3, **secure))
     run = kit["base"] / "runs" / "dropout"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -145,16 +147,23 @@ def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
     status = federation.wait_run(run_id, 500)
     assert status["status"] == "finished:completed", status
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3]
     assert "university" in rows[0]["hospitals"]
-    # round 2 went on with the two others, and records the dropout
-    trained = sorted(h for h, e in rows[1]["hospitals"].items() if "train_examples" in e)
-    assert trained == ["county", "st-mary"]
+    assert rows[0]["aggregation"]["exchanges"] == 1
+    # round 2 went on with the two others, records the dropout, and is discarded
+    for row in rows[1:]:
+        trained = sorted(h for h, e in row["hospitals"].items() if "train_examples" in e)
+        assert trained == ["county", "st-mary"], row["round"]
     assert rows[1]["failed"], "the dropout is logged in metrics.jsonl"
     assert any("unavailable" in reason.lower() for reason in rows[1]["failed"].values())
     masked = rows[1]["aggregation"]
-    assert masked["protocol"] == "secagg" and masked["survivors"] == 2 and masked["dropped"] == 1
-    assert "aggregate_failure" not in rows[1], rows[1].get("aggregate_failure")
+    assert masked["protocol"] == "secagg" and masked["exchanges"] == 1
+    assert masked["survivors"] == 2 and masked["dropped"] == 1
+    assert "discarded" in rows[1]["aggregate_failure"]
+    # round 3: two exchanges, unmasked from the two others
+    assert rows[2]["aggregation"]["exchanges"] == 2 and rows[2]["aggregation"]["survivors"] == 2
+    assert "aggregate_failure" not in rows[2], rows[2].get("aggregate_failure")
+    masked = rows[2]["aggregation"]
     # the DP recipe's updates fit the range derived from the run (the fixed 10 turned
     # every hospital away): nobody declined or was clipped
     assert masked["max_norm_from"] == "derived" and masked["max_norm"] > 10.0
