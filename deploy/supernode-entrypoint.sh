@@ -27,6 +27,7 @@ done
 
 if [ -n "$node_config" ] && [ "${FEDPRIV_WARM_WORKER:-1}" != "0" ]; then
     # $$ is this shell's id, which exec below hands to the SuperNode
-    fedpriv site warm --node-config "$node_config" --watch-pid "$$" >&2 &
+    # --if-enabled: a site with warm-worker = false gets a note, not an error line
+    fedpriv site warm --node-config "$node_config" --watch-pid "$$" --if-enabled >&2 &
 fi
 exec flower-supernode "$@"

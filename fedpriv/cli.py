@@ -932,6 +932,14 @@ def site_warm(
             "when idle for warm-worker-idle seconds)"
         ),
     ] = 0,
+    if_enabled: Annotated[
+        bool,
+        typer.Option(
+            "--if-enabled",
+            help="a node config that runs no warm worker is not an error: say so and exit 0 "
+            "(for an entrypoint that starts the worker whenever the site wants one)",
+        ),
+    ] = False,
 ) -> None:
     """Start the site's warm worker now, before its SuperNode's first message, so the first
     round does not wait for PyTorch's and fedpriv's imports (e.g. in the SuperNode's
@@ -948,10 +956,14 @@ def site_warm(
         except Exception as exc:  # Flower's TOML parser: any of its errors is bad input
             raise ConfigError(f"--node-config cannot be read: {exc}") from None
         if not warm.enabled(parsed):
-            raise ConfigError(
+            why = (
                 "this node config runs no warm worker (no data-path, warm-worker = false, "
                 f"or {warm.ENVIRONMENT}=0): nothing to start"
             )
+            if if_enabled:
+                console.print(why, highlight=False, soft_wrap=True, markup=False)
+                return
+            raise ConfigError(why)
         warm.settings(parsed)  # a bad warm-worker-idle is named here, not in the worker
         try:
             path = warm.prestart(parsed, watch_pid=watch_pid)

@@ -59,7 +59,7 @@ def test_the_worker_starts_with_the_supernodes_node_config_and_pid(
     assert warm[:4] == ["site", "warm", "--node-config", CONFIG]
     # the worker watches the SuperNode: exec kept the entrypoint's process id
     supernode = (tmp_path / "flower-supernode.pid").read_text().strip()
-    assert warm[4:] == ["--watch-pid", supernode]
+    assert warm[4:] == ["--watch-pid", supernode, "--if-enabled"]
 
 
 def test_no_node_config_or_the_worker_turned_off_starts_only_the_supernode(

@@ -315,3 +315,22 @@ def test_site_warm_refuses_bad_input_in_one_line(tmp_path: Path, runtime_dir: Pa
         assert expected in result.output, (text, result.output)
         assert "Traceback" not in result.output
     assert _workers_started(runtime_dir) == 0
+
+
+def test_site_warm_if_enabled_notes_a_site_without_a_worker(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
+    """The kit's entrypoint passes --if-enabled: a site that turned its worker off gets a
+    note and exit 0 (the SuperNode's log shows no error line), bad input is still an error."""
+    from typer.testing import CliRunner
+
+    from fedpriv.cli import app as cli
+
+    off = f'data-path="{tmp_path}/x.csv" warm-worker=false'
+    result = CliRunner().invoke(cli, ["site", "warm", "--node-config", off, "--if-enabled"])
+    assert result.exit_code == 0, result.output
+    assert "runs no warm worker" in result.output and "error" not in result.output.lower()
+    for text in ('data-path="', f'data-path="{tmp_path}/x.csv" warm-worker-idle=-1'):
+        result = CliRunner().invoke(cli, ["site", "warm", "--node-config", text, "--if-enabled"])
+        assert result.exit_code != 0 and "Traceback" not in result.output, text
+    assert _workers_started(runtime_dir) == 0
