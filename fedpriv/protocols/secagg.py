@@ -26,7 +26,9 @@ pairwise masks cancel in the sum: the model, and the next round's order, follow 
 ever revealed: each hospital records that it masked round r this way and refuses any
 unmasking request for it. So if one y_u is missing (a drop-out, a refused vector, a decline)
 the round's updates stay masked and are discarded (the model stays), and the server runs
-two-exchange rounds until CLEAN_ROUNDS of them in a row complete with nobody missing. A
+two-exchange rounds until CLEAN_ROUNDS of them in a row complete with nobody missing (twice
+as many after each further discarded round, so a hospital that keeps returning to lie or
+drop out costs fewer and fewer rounds). A
 hospital masks a round at most once (two vectors under one round's masks would differ by
 the difference of its updates).
 
@@ -112,7 +114,8 @@ QUERIES = (QUERY_KEYS, QUERY_SHARES, QUERY_DELIVER)
 NOISE_COLLUDERS = "secagg-noise-colluders"  # order key: distributed noise's t
 NOISE_SCALE = "secagg-noise-scale"  # order key: distributed noise's rho
 STATE = "fedpriv-secagg"  # the hospital's context.state record (its secrets, this run only)
-#: two-exchange rounds that must complete with nobody missing before one-exchange rounds resume
+#: two-exchange rounds that must complete with nobody missing before one-exchange rounds
+#: resume after the first discarded one (doubled after each further one)
 CLEAN_ROUNDS = 3
 
 _SEALED = 48 + 16  # one round's shares to one peer (b: 16, s: 32) and the AEAD tag
@@ -566,6 +569,8 @@ class SecAggServer(ServerSide):
         #: a row complete with nobody missing
         self.one_exchange = one_exchange
         self._clean = CLEAN_ROUNDS
+        self._needed = CLEAN_ROUNDS  # doubled by each discarded one-exchange round after the first
+        self._discarded = 0
         #: whether the next round needs its evaluation exchange to finish (two exchanges)
         self.completes_on_evaluate = not one_exchange
         #: distributed noise: (colluders asked for, -1 for the default; rho), or None
@@ -735,9 +740,11 @@ class SecAggServer(ServerSide):
                 + (f" ({', '.join(sorted(refused))} refused)" if refused else "")
                 + ": in a one-exchange round their masks cannot be removed; the round's "
                 f"updates stay masked and are discarded, and the next rounds take two "
-                f"exchanges (recoverable) until {CLEAN_ROUNDS} in a row complete"
+                f"exchanges (recoverable) until {self._next_needed()} in a row complete"
             )
             self.stats.update({"survivors": len(vectors), "dropped": len(missing)})
+            self._needed = self._next_needed()
+            self._discarded += 1
             self._clean = 0
             self.completes_on_evaluate = True
             return None
@@ -747,6 +754,10 @@ class SecAggServer(ServerSide):
         return self._finish(
             total, survivors=sorted(vectors), dropped=[], started=time.perf_counter()
         )
+
+    def _next_needed(self) -> int:
+        """Clean two-exchange rounds asked for after the next discarded one-exchange round."""
+        return CLEAN_ROUNDS << min(self._discarded, 10)
 
     def expect(self, sampled: Sequence[int]) -> None:
         self.failure = ""
@@ -766,11 +777,11 @@ class SecAggServer(ServerSide):
         ``None`` (and ``failure`` says why) when the round cannot be unmasked."""
         self.stats["exchanges"] = 2
         model = self._unmask(replies)
-        # one-exchange rounds resume after CLEAN_ROUNDS rounds in a row with nobody missing
+        # one-exchange rounds resume after enough rounds in a row with nobody missing
         expected = set(self._round.get("expected", []))
         whole = model is not None and expected <= set(self._round.get("vectors", {}))
         self._clean = self._clean + 1 if whole else 0
-        self.completes_on_evaluate = not (self.one_exchange and self._clean >= CLEAN_ROUNDS)
+        self.completes_on_evaluate = not (self.one_exchange and self._clean >= self._needed)
         return model
 
     def _unmask(self, replies: Mapping[int, Mapping[str, Any]]) -> ArrayRecord | None:

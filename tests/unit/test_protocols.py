@@ -539,7 +539,7 @@ def test_a_one_exchange_round_someone_misses_is_discarded_then_rounds_recover(
 ) -> None:
     from fedpriv.protocols.secagg import CLEAN_ROUNDS
 
-    federation = _one_exchange(tmp_path, rounds=8)
+    federation = _one_exchange(tmp_path, rounds=16)
     models = _models(NODES, seed=9)
     assert federation.round(1, models) is not None
     result = federation.round(2, models, drop_in_training=[NODES[1]])
@@ -557,8 +557,16 @@ def test_a_one_exchange_round_someone_misses_is_discarded_then_rounds_recover(
         assert federation.server.completes_on_evaluate
         assert federation.round(round_, models) is not None
     assert not federation.server.completes_on_evaluate  # back to one exchange
-    assert federation.round(4 + CLEAN_ROUNDS, models) is not None
+    round_ = 4 + CLEAN_ROUNDS
+    assert federation.round(round_, models) is not None
     assert federation.server.stats["exchanges"] == 1
+    # a hospital that misses again: twice as many clean rounds before the next one-exchange
+    assert federation.round(round_ + 1, models, drop_in_training=[NODES[3]]) is None
+    assert f"until {2 * CLEAN_ROUNDS} in a row" in federation.server.failure
+    for later in range(round_ + 2, round_ + 2 + 2 * CLEAN_ROUNDS):
+        assert federation.server.completes_on_evaluate, later
+        assert federation.round(later, models) is not None
+    assert not federation.server.completes_on_evaluate
 
 
 def test_a_one_exchange_rounds_secrets_are_never_revealed(tmp_path: Path) -> None:
