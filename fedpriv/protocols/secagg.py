@@ -2,8 +2,9 @@
 rounds, on ``cryptography``'s X25519, HKDF, ChaCha20(-Poly1305) and PyCryptodome's Shamir.
 
 Once per run (three setup exchanges before round 1), every hospital u:
-  1. makes a channel key pair and, for every planned round r, a mask key pair s_u^r and a
-     self-mask seed b_u^r, and publishes the public keys;
+  1. makes a channel key pair and, for every planned round r, a mask key pair s_u^r, a
+     self-mask seed b_u^r and a one-exchange mask key pair e_u^r, and publishes the public
+     keys;
   2. splits each b_u^r and each private s_u^r into Shamir shares (any t of the n hospitals
      recover it, fewer learn nothing), and sends each other hospital its shares, encrypted
      and authenticated under their pairwise channel key (the server only relays them).
@@ -20,19 +21,22 @@ dropped hospitals' mask keys, removes every mask, and obtains sum_{u in S} w_u x
 
 One exchange a round (``secagg-one-exchange``, the default) while every hospital answers:
 the order says the round is one-exchange, and each hospital of U_r (at least t of them)
-masks without the self mask, y_u = Q(w_u x_u) + sum_v +-PRG(k_uv^r). With every y_u in, the
+masks without the self mask, and with pairwise keys from e_u^r, whose private half is never
+shared with anyone: y_u = Q(w_u x_u) + sum_v +-PRG(e_uv^r). With every y_u in, the
 pairwise masks cancel in the sum: the model, and the next round's order, follow at once
 (the evaluation rides on that order, as in plaintext rounds). Nothing of such a round is
-ever revealed: each hospital records that it masked round r this way and refuses any
-unmasking request for it. So if one y_u is missing (a drop-out, a refused vector, a decline)
-the round's updates stay masked and are discarded (the model stays), and the server runs
-two-exchange rounds until CLEAN_ROUNDS of them in a row complete with nobody missing (twice
-as many after each further discarded round, so a hospital that keeps returning to lie or
-drop out costs fewer and fewer rounds). A
-hospital masks a round at most once (two vectors under one round's masks would differ by
-the difference of its updates).
+ever revealed, nor can be: no share of e_u^r exists, so even a server that told one hospital
+the round is one-exchange and the others it is not, and rebuilt s_u^r from their shares,
+rebuilds masks y_u does not carry; each hospital also records that it masked round r this
+way and refuses any unmasking request for it. So if one y_u is missing (a drop-out, a
+refused vector, a decline) the round's updates stay masked and are discarded (the model
+stays), and the server runs two-exchange rounds until CLEAN_ROUNDS of them in a row complete
+with nobody missing (twice as many after each further discarded round, so a hospital that
+keeps returning to lie or drop out costs fewer and fewer rounds). A hospital masks a round
+at most once (two vectors under one round's masks would differ by the difference of its
+updates).
 
-What each party learns (the README's argument, tested in tests/unit/test_secagg.py):
+What each party learns (the README's argument, tested in tests/unit/test_protocols.py):
   - the server: the sum over S, |S| >= t, and nothing else about any x_u: each y_u is masked
     by PRG(b_u^r), revealed only if u is in S (so its pairwise masks with other members of
     S stay hidden, and cancel only in the sum), and by its pairwise masks, revealed only for
@@ -121,6 +125,7 @@ CLEAN_ROUNDS = 3
 _SEALED = 48 + 16  # one round's shares to one peer (b: 16, s: 32) and the AEAD tag
 _CHANNEL = b"fedpriv secagg channel v1"
 _MASK = b"fedpriv secagg mask v1"
+_MASK_ONE = b"fedpriv secagg one-exchange mask v1"
 
 
 def _pair_info(label: bytes, nonce: bytes, a: int, b: int, round_: int = 0) -> bytes:
@@ -177,17 +182,24 @@ class SecAggHospital(HospitalSide):
         first, last = int(content["rounds"][0]), int(content["rounds"][1])
         channel_private, channel_public = generate_keypair()
         pairs = [generate_keypair() for _ in range(first, last + 1)]
+        # one-exchange rounds' mask keys: never secret-shared, so nothing can rebuild them
+        once = [generate_keypair() for _ in range(first, last + 1)]
         record = ConfigRecord(
             {
                 "nonce": bytes.fromhex(content["nonce"]),
                 "rounds": json.dumps([first, last]),
                 "channel": channel_private,
                 "mask-private": b"".join(p for p, _ in pairs),
+                "one-private": b"".join(p for p, _ in once),
                 "self-masks": secrets.token_bytes(16 * len(pairs)),
             }
         )
         state[STATE] = record
-        return {"channel": channel_public, "mask-public": b"".join(p for _, p in pairs)}
+        return {
+            "channel": channel_public,
+            "mask-public": b"".join(p for _, p in pairs),
+            "one-public": b"".join(p for _, p in once),
+        }
 
     # -- a round --------------------------------------------------------------------------
 
@@ -269,7 +281,9 @@ class SecAggHospital(HospitalSide):
         for peer in participants:
             if peer == node:
                 continue
-            mask = prg_uint32(stored.pair_key(node, peer, round_), masked.size)
+            mask = prg_uint32(
+                stored.pair_key(node, peer, round_, one_exchange=one_exchange), masked.size
+            )
             if node < peer:
                 masked += mask
             else:
@@ -385,11 +399,20 @@ class _State:
         seed = bytes(self.record["self-masks"])[16 * self._slot(round_) :][:16]  # type: ignore[arg-type]
         return prg_uint32(_expand(seed), count)
 
-    def pair_key(self, me: int, peer: int, round_: int) -> bytes:
+    def pair_key(self, me: int, peer: int, round_: int, *, one_exchange: bool = False) -> bytes:
+        """The key ``me`` and ``peer`` mask with in ``round_``: from the secret-shared s keys
+        (two-exchange rounds) or the never-shared e keys (one-exchange rounds)."""
         slot = self._slot(round_)
-        private = bytes(self.record["mask-private"])[KEY_BYTES * slot :][:KEY_BYTES]  # type: ignore[arg-type]
-        public = _public_key(self.record, peer, slot, self.participants, self.last - self.first + 1)
-        return agree(private, public, info=_pair_info(_MASK, self.nonce, me, peer, round_))
+        mine, theirs, label = (
+            ("one-private", "one-public", _MASK_ONE)
+            if one_exchange
+            else ("mask-private", "mask-public", _MASK)
+        )
+        private = bytes(self.record[mine])[KEY_BYTES * slot :][:KEY_BYTES]  # type: ignore[arg-type]
+        public = _public_key(
+            self.record, peer, slot, self.participants, self.last - self.first + 1, key=theirs
+        )
+        return agree(private, public, info=_pair_info(label, self.nonce, me, peer, round_))
 
     def make_shares(self, content: Mapping[str, Any], node: int, state: Any) -> dict[str, Any]:
         participants = [int(n) for n in content["participants"]]
@@ -402,8 +425,15 @@ class _State:
         rounds = self.last - self.first + 1
         channel_public = {int(k): bytes.fromhex(v) for k, v in content["channel"].items()}
         mask_public = b"".join(bytes.fromhex(content["mask"][str(n)]) for n in participants)
-        if len(mask_public) != len(participants) * rounds * KEY_BYTES:
+        one_public = b"".join(
+            bytes.fromhex(content.get("one", {}).get(str(n), "")) for n in participants
+        )
+        if len(mask_public) != len(participants) * rounds * KEY_BYTES or len(one_public) not in (
+            0,
+            len(mask_public),
+        ):
             raise FedprivError("secure aggregation: the published mask keys are incomplete")
+        self.record["one-public"] = one_public
         self.record["participants"] = json.dumps(participants)
         self.record["threshold"] = threshold
         self.record["index"] = index
@@ -533,9 +563,17 @@ def _expand(seed16: bytes) -> bytes:
 
 
 def _public_key(
-    record: Any, peer: int, slot: int, participants: Sequence[int], rounds: int
+    record: Any,
+    peer: int,
+    slot: int,
+    participants: Sequence[int],
+    rounds: int,
+    *,
+    key: str = "mask-public",
 ) -> bytes:
-    blob = bytes(record["mask-public"])
+    blob = bytes(record.get(key, b""))
+    if not blob:
+        raise FedprivError("secure aggregation: the setup published no one-exchange mask keys")
     position = participants.index(peer)
     start = KEY_BYTES * (position * rounds + slot)
     return blob[start : start + KEY_BYTES]
@@ -626,6 +664,16 @@ class SecAggServer(ServerSide):
             "channel": {str(n): bytes(keys[n][1]["channel"]).hex() for n in self.participants},
             "mask": {str(n): self.mask_public[n].hex() for n in self.participants},
         }
+        once = {n: bytes(record.get("one-public", b"")) for n, (_, record) in keys.items()}
+        if all(once.values()):
+            common["one"] = {str(n): once[n].hex() for n in self.participants}
+        elif self.one_exchange:  # a hospital on an older fedpriv: it has no one-exchange keys
+            logger.warning(
+                "secure aggregation: %s published no one-exchange mask keys: every round "
+                "takes two exchanges",
+                ", ".join(self.names[n] for n in self.participants if not once[n]),
+            )
+            self.one_exchange, self.completes_on_evaluate = False, True
         shares = send(QUERY_SHARES, {n: common for n in self.participants})
         missing = sorted(set(self.participants) - set(shares))
         if missing:

@@ -468,7 +468,14 @@ def _one_exchange(tmp_path: Path, **changes: Any) -> Federation:
     return Federation("secagg", config, NODES, node_config)
 
 
-def _pair_masks(federation: Federation, target: int, peers: Sequence[int], round_: int) -> Any:
+def _pair_masks(
+    federation: Federation,
+    target: int,
+    peers: Sequence[int],
+    round_: int,
+    *,
+    one_exchange: bool = True,
+) -> Any:
     """The pairwise masks ``target`` added for ``peers`` in ``round_``, as those peers can
     compute them from their own secrets (what a coalition of them knows)."""
     from fedpriv.privacy.masking import prg_uint32
@@ -479,7 +486,7 @@ def _pair_masks(federation: Federation, target: int, peers: Sequence[int], round
     for peer in peers:
         state = _State.load(federation.states[peer])
         assert state is not None
-        mask = prg_uint32(state.pair_key(peer, target, round_), size)
+        mask = prg_uint32(state.pair_key(peer, target, round_, one_exchange=one_exchange), size)
         total += mask if target < peer else -mask
     return total
 
@@ -583,9 +590,12 @@ def test_a_one_exchange_rounds_secrets_are_never_revealed(tmp_path: Path) -> Non
     for node in NODES[:4]:
         with pytest.raises(FedprivError, match="is ever revealed"):
             federation.sides[node].unmask(request, node, federation.states[node])
-    # what the refusal protects: the vector arriving late, less the pairwise masks its
-    # mask key would rebuild (computed here from the others' secrets), is its update
+    # the vector arriving late: what the round's secret-shared key would rebuild (here from
+    # t of the others' shares, as a server that had them would) leaves it uniform; only the
+    # late hospital's peers' own one-exchange keys, never shared, would open it
+    from fedpriv.privacy.masking import prg_uint32
     from fedpriv.protocols.base import Update
+    from fedpriv.protocols.secagg import _MASK, _pair_info, _public_key, _State
 
     update_late = Update(
         before=federation.model,
@@ -596,12 +606,35 @@ def test_a_one_exchange_rounds_secrets_are_never_revealed(tmp_path: Path) -> Non
     )
     record, _ = federation.sides[late].encode(order, update_late, federation.states[late])
     arrived = record[MASKED].numpy()
+    shares = {}
+    for node in NODES[:3]:  # t = 3 shares of the late hospital's round-1 mask key
+        state = _State.load(federation.states[node])
+        assert state is not None
+        shares[state.index] = state.share_of(late, 1)[1]
+    from fedpriv.privacy.masking import agree
+
+    rebuilt = combine(shares)
+    theirs = _State.load(federation.states[NODES[0]])
+    assert theirs is not None
+    rebuilt_masks = np.zeros_like(arrived)
+    for peer in NODES[:4]:
+        rounds = theirs.last - theirs.first + 1
+        public = _public_key(theirs.record, peer, 0, theirs.participants, rounds)
+        key = agree(rebuilt, public, info=_pair_info(_MASK, theirs.nonce, late, peer, 1))
+        mask = prg_uint32(key, arrived.size)
+        rebuilt_masks += mask if late < peer else -mask
+    # (the rebuild is right: it gives the masks a two-exchange round 1 would have carried)
+    np.testing.assert_array_equal(
+        rebuilt_masks, _pair_masks(federation, late, NODES[:4], 1, one_exchange=False)
+    )
+    counts = np.bincount(((arrived - rebuilt_masks) >> np.uint32(28)).astype(int), minlength=16)
+    assert stats.chisquare(counts).pvalue > 1e-4
     quantizer = Quantizer(bound=float(federation.server.bound), parties=len(NODES))  # type: ignore[attr-defined]
     weight = federation.counts[late] / max(federation.counts.values())
     update = np.concatenate([np.ravel(v) for v in models[late].values()])
-    exposed = arrived - _pair_masks(federation, late, NODES[:4], 1)
     plain = quantizer.encode(np.append(weight * update, weight))
-    assert np.abs((exposed - plain).view(np.int32)).max() <= 1
+    exposed = arrived - _pair_masks(federation, late, NODES[:4], 1)
+    assert np.abs((exposed - plain).view(np.int32)).max() <= 1  # the check above could fail
     with pytest.raises(FedprivError, match="is ever revealed"):  # nor by the late one itself
         federation.sides[late].unmask(request, late, federation.states[late])
 
