@@ -70,6 +70,15 @@ if [ -z "${BASE_IMAGE:-}" ]; then
     fi
 fi
 
+# can a container start at all? (crun refuses hosts with hybrid cgroups; runc works there)
+if ! probe=$("${PODMAN[@]}" run --rm "${PODMAN_OPTS[@]}" "$BASE_IMAGE" true 2>&1); then
+    hint=""
+    case "$probe" in
+        *"hybrid mode not supported"*) hint=" (crun cannot use this host's cgroups: apt-get install runc, or set KIT_RUNTIME)" ;;
+    esac
+    skip "containers do not start here: $(printf '%s' "$probe" | tail -1)$hint"
+fi
+
 # ---- the build context: fedpriv's source, pip settings, the PyTorch wheel -----------------
 context="$work/context"
 mkdir -p "$context/src" "$context/pip" "$context/wheels"

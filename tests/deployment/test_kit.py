@@ -49,8 +49,17 @@ def _podman_problem() -> str | None:
     return None
 
 
+def _runtime() -> list[str]:
+    """The runtime the kit's scripts choose: KIT_RUNTIME, else runc where it is installed
+    (crun refuses hosts with hybrid cgroups), else Podman's default."""
+    runtime = os.environ.get("KIT_RUNTIME") or ("runc" if shutil.which("runc") else "")
+    return ["--runtime", runtime] if runtime else []
+
+
 def _podman(*args: str, timeout: float = 120) -> str:
-    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        ["podman", *_runtime(), *args], capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, (args, result.stderr[-2000:])
     return result.stdout
 

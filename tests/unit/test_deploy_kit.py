@@ -1,5 +1,6 @@
 """The site kit (deploy/) agrees with the code: image names, ports, node-config keys, file
-names. No Docker engine runs on the CI machine, so this is checked by reading the files."""
+names. No Docker engine runs on the CI machine, so this is checked by reading the files (and
+the image build's refusal to start where no container can, against a fake Podman)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,36 @@ def test_the_example_site_settings_are_valid_keys() -> None:
     assert set(settings) == set(SITE_KEYS)
     site = SiteSettings.from_node_config(settings)
     assert site.require_dp and site.budget_epsilon > 0
+
+
+def test_the_image_build_skips_saying_why_where_no_container_starts(tmp_path: Path) -> None:
+    """A host where Podman answers but its runtime cannot start a container (crun on hybrid
+    cgroups, as on this project's VMs without runc): the build says so and how to mend it,
+    and skips (exit 0; 1 with KIT_REQUIRE=1) instead of failing half-way through a build."""
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "podman"  # answers `info` and `image exists`; cannot `run`
+    fake.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = run ] && { echo "Error: OCI runtime error: crun: cgroups '
+        'in hybrid mode not supported, drop all controllers from cgroupv2" >&2; exit 126; }; '
+        "done\nexit 0\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "KIT_RUNTIME": "crun"}
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "build-images.sh")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SKIP: containers do not start here" in done.stderr
+    assert "apt-get install runc" in done.stderr
+    required = subprocess.run(
+        ["bash", str(DEPLOY / "build-images.sh")],
+        capture_output=True,
+        text=True,
+        env={**env, "KIT_REQUIRE": "1"},
+    )
+    assert required.returncode == 1 and "SKIP" in required.stderr
