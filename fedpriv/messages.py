@@ -22,6 +22,7 @@ from fedpriv.errors import ConfigError
 __all__ = [
     "ARRAYS",
     "CONFIG",
+    "EARLY_QUERY",
     "EVALUATE_RECEIVED",
     "EVALUATION",
     "HOSPITAL",
@@ -55,6 +56,8 @@ NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 #: in a training order: evaluate the received model first and reply it under EVALUATION
 EVALUATE_RECEIVED = "evaluate-received"
+#: in a schema query's PROTOCOL record: the protocol setup query riding on it (its kind)
+EARLY_QUERY = "early-query"
 MODEL_NAME = "model-name"
 MODEL_ARGS = "model-args"
 MODE = "update-mode"

@@ -244,4 +244,11 @@ def _schema_reply(message: Message, context: Context) -> Message:
         schema[msg.SCHEMA_LEDGER_DELTA] = settings.delta
         schema[msg.SCHEMA_LEDGER_CAP] = settings.budget_epsilon
     content = RecordDict({msg.SCHEMA: schema, msg.HOSPITAL: _hospital_record(data)})
+    early = message.content.config_records.get(msg.PROTOCOL)
+    if early is not None and msg.EARLY_QUERY in early:  # a protocol's setup query rides on it
+        query = dict(early)
+        answer = protocol_side(config, context.node_config).answer(
+            None, str(query.pop(msg.EARLY_QUERY)), query, int(context.node_id), context.state
+        )
+        content[msg.PROTOCOL] = ConfigRecord(answer)
     return Message(content=content, reply_to=message)

@@ -156,8 +156,16 @@ class ServerSide(ABC):
         self.failure = ""
         self.first = self.last = 0
 
-    def setup(self, grid: Any, nodes: Sequence[int], send: Callable[..., Any]) -> None:  # noqa: B027
-        """A per-run setup phase before round 1 (default: none)."""
+    def setup(  # noqa: B027
+        self,
+        grid: Any,
+        nodes: Sequence[int],
+        send: Callable[..., Any],
+        early: Mapping[int, tuple[str, Mapping[str, Any]]] | None = None,
+        early_query: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A per-run setup phase before round 1 (default: none). ``early``: answers to
+        ``early_query``, sent ahead with the deployment's schema query."""
 
     def expect(self, sampled: Sequence[int]) -> None:  # noqa: B027
         """The nodes asked to train this round (default: nothing to note)."""

@@ -1,7 +1,8 @@
 """Secure aggregation with no shared key: pairwise masking (Bonawitz et al. 2017) over many
 rounds, on ``cryptography``'s X25519, HKDF, ChaCha20(-Poly1305) and PyCryptodome's Shamir.
 
-Once per run (three setup exchanges before round 1), every hospital u:
+Once per run (three setup exchanges before round 1; in a deployment the first rides on the
+schema query), every hospital u:
   1. makes a channel key pair and, for every planned round r, a mask key pair s_u^r, a
      self-mask seed b_u^r and a one-exchange mask key pair e_u^r, and publishes the public
      keys;
@@ -631,12 +632,27 @@ class SecAggServer(ServerSide):
 
     # -- setup ------------------------------------------------------------------------------
 
-    def setup(self, grid: Any, nodes: Sequence[int], send: Callable[..., Any]) -> None:
+    def setup(
+        self,
+        grid: Any,
+        nodes: Sequence[int],
+        send: Callable[..., Any],
+        early: Mapping[int, tuple[str, Mapping[str, Any]]] | None = None,
+        early_query: Mapping[str, Any] | None = None,
+    ) -> None:
         """The three setup exchanges; ``send(kind, {node: content})`` returns
-        ``{node: (hospital name, reply record)}`` for the nodes that answered."""
-        self.nonce = secrets.token_bytes(16)
-        rounds = [self.first, self.last]
-        keys = send(QUERY_KEYS, {n: {"nonce": self.nonce.hex(), "rounds": rounds} for n in nodes})
+        ``{node: (hospital name, reply record)}`` for the nodes that answered. ``early``:
+        the key answers that rode on the deployment's schema query (``early_query``, from
+        :func:`keys_query`), used when every one of ``nodes`` gave one for this run's rounds
+        (then the key exchange is skipped)."""
+        keys = _early_keys(early, early_query, nodes, [self.first, self.last])
+        if keys is not None:
+            self.nonce = bytes.fromhex(str(early_query["nonce"]))  # type: ignore[index]
+            logger.info("secure aggregation: the hospitals' keys came with their schemas")
+        else:
+            self.nonce = secrets.token_bytes(16)
+            content = {"nonce": self.nonce.hex(), "rounds": [self.first, self.last]}
+            keys = send(QUERY_KEYS, {n: content for n in nodes})
         self.participants = sorted(keys)
         count = len(self.participants)
         self.threshold = self.requested_threshold or count // 2 + 1
@@ -944,6 +960,27 @@ class SecAggServer(ServerSide):
         slot = round_ - self.first
         blob = self.mask_public[node]
         return blob[KEY_BYTES * slot : KEY_BYTES * (slot + 1)]
+
+
+def keys_query(first: int, last: int) -> dict[str, Any]:
+    """The content of the setup's key query for rounds ``first..last``, made before the
+    server side exists: a deployment sends it with its schema query, one exchange fewer."""
+    return {"nonce": secrets.token_bytes(16).hex(), "rounds": [first, last]}
+
+
+def _early_keys(
+    early: Mapping[int, tuple[str, Mapping[str, Any]]] | None,
+    query: Mapping[str, Any] | None,
+    nodes: Sequence[int],
+    rounds: list[int],
+) -> dict[int, tuple[str, Mapping[str, Any]]] | None:
+    """The early key answers if they cover ``nodes`` for ``rounds``; otherwise None (the
+    key exchange runs as usual: e.g. a hospital that connected after the schema query)."""
+    if not early or query is None or list(query.get("rounds", [])) != rounds:
+        return None
+    if not set(nodes) <= set(early):
+        return None
+    return {n: early[n] for n in nodes}
 
 
 # ---- construction ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ hospitals' schemas)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,10 @@ class RunPlan:
     #: a simulation's dataset as the server loaded it, by load key: what its workers take
     #: instead of reading the file again (fedpriv.data.handoff)
     loaded: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
+    #: a protocol's first setup query sent with a deployment's schema query (its content),
+    #: and the hospitals' answers ``{node: (hospital, record)}``: one exchange fewer
+    early_query: dict[str, Any] | None = None
+    early_answers: dict[int, tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
 
 def resolve_model(config: RunConfig, dataset: Dataset) -> tuple[str, dict[str, Any]]:
@@ -392,11 +397,21 @@ def _check_dp_settings(config: RunConfig) -> list[str]:
     return []
 
 
-def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
-    """Ask every connected hospital for its data schema; all must agree on the features."""
+def resolve_model_from_hospitals(
+    grid: Grid, plan: RunPlan, *, early: tuple[str, dict[str, Any]] | None = None
+) -> RunPlan:
+    """Ask every connected hospital for its data schema; all must agree on the features.
+    ``early``: a protocol's setup query (its kind and content) the hospitals answer in the
+    same reply (secure aggregation's keys: one exchange fewer before round 1)."""
     content = RecordDict(
         {msg.CONFIG: ConfigRecord({**plan.config.to_mapping(), msg.QUERY: msg.QUERY_SCHEMA})}
     )
+    if early is not None:
+        from fedpriv.protocols.secagg import SETUP
+
+        kind, query = early
+        content[msg.PROTOCOL] = ConfigRecord({SETUP: json.dumps(query), msg.EARLY_QUERY: kind})
+    answers: dict[int, tuple[str, dict[str, Any]]] = {}
     messages = [
         Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
         for node in sorted(grid.get_node_ids())
@@ -413,6 +428,9 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
             continue
         record = reply.content.config_records[msg.SCHEMA]
         name = hospital_name(reply.content)
+        if early is not None and msg.PROTOCOL in reply.content.config_records:
+            answer = dict(reply.content.config_records[msg.PROTOCOL])
+            answers[int(reply.metadata.src_node_id)] = (name, answer)
         shapes[name] = tuple(int(d) for d in record[msg.SCHEMA_SHAPE])  # type: ignore[union-attr]
         classes = max(classes, int(record[msg.SCHEMA_CLASSES]))  # type: ignore[arg-type]
         if msg.SCHEMA_EXAMPLES in record:
@@ -460,6 +478,8 @@ def resolve_model_from_hospitals(grid: Grid, plan: RunPlan) -> RunPlan:
         model_args=model_args,
         declared=declared,
         declared_patients=patients,
+        early_query=early[1] if early is not None else None,
+        early_answers=answers,
     )
 
 

@@ -142,7 +142,14 @@ def serve(
             minimum=min(config.min_hospitals, config.hospitals),
         )
     if not plan.model_name:
-        plan = resolve_model_from_hospitals(grid, plan)
+        early = None
+        first = plan.resume.round + 1 if plan.resume is not None else 1
+        if config.protocol == "secagg" and first <= config.rounds:
+            from fedpriv.protocols.secagg import QUERY_KEYS, keys_query
+
+            # the keys' exchange rides on the schema query: one exchange fewer
+            early = (QUERY_KEYS, keys_query(first, config.rounds))
+        plan = resolve_model_from_hospitals(grid, plan, early=early)
     if hasattr(grid, "pull_interval"):
         # an unwrapped in-memory grid (Flower's default: 0.1 s). A simulation's grid is
         # wrapped (fedpriv.server.stopping.StoppableGrid) and keeps 0.1 s: at 1,000 hospitals
@@ -198,6 +205,8 @@ def serve(
             grid,
             sorted(grid.get_node_ids()),
             lambda kind, contents: _setup_exchange(grid, order, kind, contents, config),
+            early=plan.early_answers,
+            early_query=plan.early_query,
         )
 
     def plaintext(arrays: ArrayRecord) -> dict[str, np.ndarray] | None:

@@ -146,6 +146,9 @@ def test_a_hospital_dropping_out_mid_run_does_not_stop_it(
     federation.kill("supernode-university")
     status = federation.wait_run(run_id, 500)
     assert status["status"] == "finished:completed", status
+    # the set-up's key exchange rode on the schema query
+    shown = federation.flwr("log", str(run_id), CONNECTION, "--show").stdout
+    assert "keys came with their schemas" in shown, shown[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert "university" in rows[0]["hospitals"]
