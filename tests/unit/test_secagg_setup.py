@@ -81,8 +81,8 @@ def _set_up(grid: Sites, plan: RunPlan, nodes: list[int]) -> SecAggServer:
     return side
 
 
-@pytest.mark.usefixtures("flower_task")
-def test_the_keys_ride_on_the_schema_query(tmp_path: Path) -> None:
+def _schemas(tmp_path: Path, name: str) -> tuple[Sites, RunPlan, dict]:
+    """Three sites, and the plan after their schema query carried the keys query."""
     config = RunConfig(
         deployment=True,
         aggregation="secagg",
@@ -90,12 +90,18 @@ def test_the_keys_ride_on_the_schema_query(tmp_path: Path) -> None:
         dp=False,
         rounds=3,
         out=str(tmp_path / "runs"),
-        run_name="early",
+        run_name=name,
     )
     grid = Sites(_sites(tmp_path))
     plan = _prepare_deployment(config, resume_dir=None)
     query = keys_query(1, config.rounds)
     plan = resolve_model_from_hospitals(grid, plan, early=(QUERY_KEYS, query))  # type: ignore[arg-type]
+    return grid, plan, query
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_the_keys_ride_on_the_schema_query(tmp_path: Path) -> None:
+    grid, plan, query = _schemas(tmp_path, "early")
     assert sorted(plan.early_answers) == [11, 22, 33]
     side = _set_up(grid, plan, [11, 22, 33])
     # one schema query, no key exchange of its own, then the shares and their delivery
@@ -108,19 +114,7 @@ def test_the_keys_ride_on_the_schema_query(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("flower_task")
 def test_the_key_exchange_runs_when_the_early_answers_are_short(tmp_path: Path) -> None:
-    config = RunConfig(
-        deployment=True,
-        aggregation="secagg",
-        secagg_threshold=2,
-        dp=False,
-        rounds=3,
-        out=str(tmp_path / "runs"),
-        run_name="late",
-    )
-    grid = Sites(_sites(tmp_path))
-    plan = _prepare_deployment(config, resume_dir=None)
-    query = keys_query(1, config.rounds)
-    plan = resolve_model_from_hospitals(grid, plan, early=(QUERY_KEYS, query))  # type: ignore[arg-type]
+    grid, plan, query = _schemas(tmp_path, "late")
     del plan.early_answers[33]  # as if it had connected after the schema query
     side = _set_up(grid, plan, [11, 22, 33])
     assert grid.queries[QUERY_KEYS] == 3 and side.nonce.hex() != query["nonce"]
