@@ -607,9 +607,8 @@ class SecAggServer(ServerSide):
         #: someone misses is discarded and two-exchange rounds follow until CLEAN_ROUNDS in
         #: a row complete with nobody missing
         self.one_exchange = one_exchange
-        self._clean = CLEAN_ROUNDS
-        self._needed = CLEAN_ROUNDS  # doubled by each discarded one-exchange round after the first
-        self._discarded = 0
+        self._clean = CLEAN_ROUNDS  # whole two-exchange rounds in a row (enough at the start)
+        self._discarded = 0  # one-exchange rounds discarded so far
         #: whether the next round needs its evaluation exchange to finish (two exchanges)
         self.completes_on_evaluate = not one_exchange
         #: distributed noise: (colluders asked for, -1 for the default; rho), or None
@@ -804,10 +803,10 @@ class SecAggServer(ServerSide):
                 + (f" ({', '.join(sorted(refused))} refused)" if refused else "")
                 + ": in a one-exchange round their masks cannot be removed; the round's "
                 f"updates stay masked and are discarded, and the next rounds take two "
-                f"exchanges (recoverable) until {self._next_needed()} in a row complete"
+                f"exchanges (recoverable) until {self._needed(self._discarded + 1)} in a row "
+                "complete"
             )
             self.stats.update({"survivors": len(vectors), "dropped": len(missing)})
-            self._needed = self._next_needed()
             self._discarded += 1
             self._clean = 0
             self.completes_on_evaluate = True
@@ -819,9 +818,11 @@ class SecAggServer(ServerSide):
             total, survivors=sorted(vectors), dropped=[], started=time.perf_counter()
         )
 
-    def _next_needed(self) -> int:
-        """Clean two-exchange rounds asked for after the next discarded one-exchange round."""
-        return CLEAN_ROUNDS << min(self._discarded, 10)
+    @staticmethod
+    def _needed(discarded: int) -> int:
+        """Whole two-exchange rounds in a row asked for after ``discarded`` one-exchange
+        rounds were: CLEAN_ROUNDS after the first, doubled after each further one."""
+        return CLEAN_ROUNDS << min(max(discarded - 1, 0), 10)
 
     def expect(self, sampled: Sequence[int]) -> None:
         self.failure = ""
@@ -845,7 +846,9 @@ class SecAggServer(ServerSide):
         expected = set(self._round.get("expected", []))
         whole = model is not None and expected <= set(self._round.get("vectors", {}))
         self._clean = self._clean + 1 if whole else 0
-        self.completes_on_evaluate = not (self.one_exchange and self._clean >= self._needed)
+        self.completes_on_evaluate = not (
+            self.one_exchange and self._clean >= self._needed(self._discarded)
+        )
         return model
 
     def _unmask(self, replies: Mapping[int, Mapping[str, Any]]) -> ArrayRecord | None:
