@@ -132,6 +132,7 @@ def serve(
 
     config = plan.config
     outcome = outcome if outcome is not None else ServeOutcome()
+    first_round = plan.resume.round + 1 if plan.resume is not None else 1
     # a deployment's hospitals say what the model must fit; with normalisation federated
     # they release their feature statistics (once per run): both need them connected
     if not plan.model_name or needs_statistics(plan.config):
@@ -143,12 +144,11 @@ def serve(
         )
     if not plan.model_name:
         early = None
-        first = plan.resume.round + 1 if plan.resume is not None else 1
-        if config.protocol == "secagg" and first <= config.rounds:
+        if config.protocol == "secagg" and first_round <= config.rounds:
             from fedpriv.protocols.secagg import QUERY_KEYS, keys_query
 
             # the keys' exchange rides on the schema query: one exchange fewer
-            early = (QUERY_KEYS, keys_query(first, config.rounds))
+            early = (QUERY_KEYS, keys_query(first_round, config.rounds))
         plan = resolve_model_from_hospitals(grid, plan, early=early)
     if hasattr(grid, "pull_interval"):
         # an unwrapped in-memory grid (Flower's default: 0.1 s). A simulation's grid is
@@ -169,16 +169,13 @@ def serve(
         ledger_view.load()
     if plan.resume is not None:
         weights = plan.resume.weights
-        first_round = plan.resume.round + 1
         logger.info("resuming %s after round %d", plan.run_dir.path, plan.resume.round)
     elif config.he:
         # Under HE the server never holds a plaintext model: the hospitals build the
         # initial one themselves from the seed (an empty record says so).
         weights = {}
-        first_round = 1
     else:
         weights = initial_weights(plan.model_name, plan.model_args, config.seed)
-        first_round = 1
     outcome.last_round = first_round - 1
     arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()})
     he_log = HeLog(plan.run_dir, aggregator, layout) if config.he else None
