@@ -156,7 +156,8 @@ class RunConfig:
     secagg_max_norm: float = 0.0
     #: secure aggregation: a round in one exchange while every hospital answers (masked
     #: without self masks; a round someone misses is discarded, then recoverable
-    #: two-exchange rounds until three in a row complete); false: always two exchanges
+    #: two-exchange rounds until three in a row complete, twice as many after each further
+    #: discarded round); false: always two exchanges
     secagg_one_exchange: bool = True
     #: secure aggregation + FedSGD + DP-SGD: each hospital adds only its share of the
     #: record-level noise, so that the honest survivors' shares in any sum the server can

@@ -604,8 +604,8 @@ class SecAggServer(ServerSide):
         super().__init__()
         #: one-exchange rounds allowed (``secagg-one-exchange``): while every hospital
         #: answers, a round is masked without self masks and unmasked by its own sum; a round
-        #: someone misses is discarded and two-exchange rounds follow until CLEAN_ROUNDS in
-        #: a row complete with nobody missing
+        #: someone misses is discarded and two-exchange rounds follow until enough in a row
+        #: complete with nobody missing (:meth:`_needed`)
         self.one_exchange = one_exchange
         self._clean = CLEAN_ROUNDS  # whole two-exchange rounds in a row (enough at the start)
         self._discarded = 0  # one-exchange rounds discarded so far
